@@ -1,0 +1,87 @@
+"""Safe readers for the containers checkpoints come in. Nothing here can run code from a file."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
+
+# Keys under which training scripts nest the weights, tried in this order.
+_WRAPPERS = ("state_dict", "model", "module", "model_state", "params")
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and the header metadata of a .safetensors file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_safetensors(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def read_torch(path: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch state dict (.pth/.pt/.bin), loaded with weights_only=True so that no pickled code can run."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path}: refused to load: the pickle holds more than tensors (weights_only=True failed: "
+            f"{str(e).splitlines()[0]}). vitkit never unpickles arbitrary objects; re-save the state dict "
+            "with torch.save(model.state_dict()) or as safetensors"
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"{path}: not a readable PyTorch file, truncated or corrupt? ({e})") from e
+    return flatten_state_dict(obj, path)
+
+
+def flatten_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Unwrap {"model": {...}}-style nesting and a DataParallel `module.` prefix."""
+    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            raise ValueError(f"{path}: no tensors found; top-level keys: {sorted(obj)[:10]}")
+        obj = inner
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if tensors and all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
+    return tensors
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """A flat .npz of arrays, with allow_pickle=False."""
+    try:
+        with np.load(str(path), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npz file, truncated or corrupt? ({e})") from e
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def to_torch(array: np.ndarray) -> torch.Tensor:
+    """A numpy array (bfloat16 arrays arrive as void-typed |V2 from .npz) as a float32 torch tensor."""
+    if array.dtype.kind == "V" and array.dtype.itemsize == 2:  # bfloat16 saved by JAX: upper half of a float32
+        return torch.from_numpy((array.view(np.uint16).astype(np.uint32) << 16).view(np.float32))
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.astype(np.float32))
+    return torch.from_numpy(np.ascontiguousarray(array)).float()

@@ -1,0 +1,67 @@
+"""vitkit's own format: a directory with `model.safetensors` and `vitkit.json` (config, preprocessing, classes).
+
+The JSON record is also stored in the safetensors header metadata under "vitkit", so the weight file alone is
+self-describing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..models import VisionTransformer, ViTConfig
+from ..preprocess import Preprocess
+from .checkpoint import Checkpoint
+from .files import read_json, read_safetensors
+
+FORMAT_VERSION = 1
+WEIGHTS, RECORD = "model.safetensors", "vitkit.json"
+
+
+def record_of(model: VisionTransformer) -> dict:
+    return {
+        "format": "vitkit",
+        "version": FORMAT_VERSION,
+        "config": model.cfg.to_dict(),
+        "preprocess": model.preprocess.to_dict(),
+        "classes": model.classes,
+    }
+
+
+def write(model: VisionTransformer, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    record = record_of(model)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path / WEIGHTS), metadata={"vitkit": json.dumps(record)})
+    (path / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read(path: Path) -> Checkpoint:
+    """A vitkit directory, or its .safetensors file on its own."""
+    if path.is_dir():
+        record = read_json(path / RECORD)
+        tensors, _ = read_safetensors(path / WEIGHTS)
+    else:
+        tensors, metadata = read_safetensors(path)
+        record = json.loads(metadata["vitkit"])
+    return from_record(tensors, record, path)
+
+
+def from_record(tensors: dict[str, torch.Tensor], record: dict, path: Path) -> Checkpoint:
+    if record.get("format") != "vitkit" or record.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: not a vitkit v{FORMAT_VERSION} record (format={record.get('format')!r}, "
+            f"version={record.get('version')!r})"
+        )
+    try:
+        cfg = ViTConfig.from_dict(record["config"])
+        prep = Preprocess.from_dict(record["preprocess"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: vitkit record is incomplete or malformed ({e})") from e
+    fields = cfg.to_dict()
+    fields["img_size"] = tuple(fields["img_size"])
+    fields["hybrid"] = cfg.hybrid
+    return Checkpoint(tensors, "vitkit", str(path), determined=fields, preprocess=prep, classes=record.get("classes"))

@@ -1,0 +1,63 @@
+"""Position embeddings: fixed 2-D sin-cos tables and resampling of learned ones to another grid."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sincos_2d(grid: tuple[int, int], width: int, temperature: float = 10_000.0) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embeddings as big_vision's `posemb_sincos_2d`.
+
+    Returns:
+        (1, H*W, width) float32, rows in row-major grid order; features are [sin x, cos x, sin y, cos y].
+    """
+    h, w = grid
+    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    quarter = width // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / max(quarter - 1, 1))
+    x = x.flatten()[:, None] * omega[None, :]  # (H*W, D/4)
+    y = y.flatten()[:, None] * omega[None, :]
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)[None].float()
+
+
+def resample_pos_embed(
+    pos_embed: torch.Tensor,
+    new_grid: tuple[int, int],
+    old_grid: tuple[int, int] | None = None,
+    num_prefix_tokens: int = 1,
+    mode: str = "bicubic",
+) -> torch.Tensor:
+    """Resample learned position embeddings to another token grid (paper section 3.2, fine-tuning at higher
+    resolution). The class-token row(s) are kept apart and left as they are.
+
+    Args:
+        pos_embed: (1, prefix + H*W, D).
+        new_grid: (H', W') wanted.
+        old_grid: (H, W) of `pos_embed`; a square grid is assumed when None.
+        num_prefix_tokens: leading rows that are not on the grid.
+        mode: "bicubic" (timm, Hugging Face; with antialias when shrinking) or "bilinear" (the official code's
+            `scipy.ndimage.zoom(order=1)`, whose default grid_mode=False aligns the corner pixel centres).
+
+    Returns:
+        (1, prefix + H'*W', D) in the dtype of `pos_embed`.
+    """
+    prefix, grid_rows = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    n = grid_rows.shape[1]
+    if old_grid is None:
+        side = int(round(n**0.5))
+        if side * side != n:
+            raise ValueError(f"position embedding has {n} grid rows, not a square grid; pass old_grid")
+        old_grid = (side, side)
+    if old_grid[0] * old_grid[1] != n:
+        raise ValueError(f"position embedding has {n} grid rows, but old_grid={old_grid}")
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    dim = grid_rows.shape[-1]
+    dtype = pos_embed.dtype
+    grid_rows = grid_rows.float().reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)  # (1, D, H, W)
+    antialias = mode == "bicubic" and (new_grid[0] < old_grid[0] or new_grid[1] < old_grid[1])
+    align = mode == "bilinear"
+    grid_rows = F.interpolate(grid_rows, size=tuple(new_grid), mode=mode, align_corners=align, antialias=antialias)
+    grid_rows = grid_rows.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(dtype)
+    return torch.cat([prefix, grid_rows], dim=1)

@@ -1,0 +1,266 @@
+"""The Vision Transformer of "An Image is Worth 16x16 Words" (Dosovitskiy et al., 2021), section 3.1.
+
+Module and parameter names follow timm (`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.N.attn.qkv`, ...)
+so that every checkpoint format is one key table away from this model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..preprocess import Preprocess, source_preprocess
+from .config import ViTConfig
+from .posembed import resample_pos_embed, sincos_2d
+from .resnet import ResNetStem
+
+
+class PatchEmbed(nn.Module):
+    """Image -> patch tokens. A hybrid runs its ResNet stem first and embeds patches of the feature map."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.backbone = None
+        cin = cfg.in_chans
+        if cfg.hybrid is not None:
+            self.backbone = ResNetStem(cfg.in_chans, cfg.hybrid, cfg.stem_width, cfg.stem_numerics)
+            cin = self.backbone.out_channels
+        self.stride = cfg.stride
+        self.proj = nn.Conv2d(cin, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        if x.shape[-2] % self.stride or x.shape[-1] % self.stride:
+            raise ValueError(f"input size {tuple(x.shape[-2:])} is not divisible by the token stride {self.stride}")
+        if self.backbone is not None:
+            x = self.backbone(x)
+        x = self.proj(x)  # (B, D, H/p, W/p)
+        grid = (x.shape[-2], x.shape[-1])
+        return x.flatten(2).transpose(1, 2), grid  # (B, N, D), N = H/p * W/p in row-major order
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection (rows q; k; v, as timm and torchvision)."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.head_dim = cfg.width // cfg.heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=cfg.qkv_bias)
+        self.attn_drop = cfg.attn_dropout
+        self.proj = nn.Linear(cfg.width, cfg.width)
+        self.proj_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d)
+        drop = self.attn_drop if self.training else 0.0
+        if need_weights:
+            # The manual path: same math as the fused kernel, but the probabilities are kept for the caller.
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, T, T)
+            out = F.dropout(attn, drop, self.training) @ v
+        else:
+            attn = None
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        out = out.transpose(1, 2).reshape(B, T, D)
+        return self.proj_drop(self.proj(out)), attn
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
+        self.act = nn.GELU(approximate="tanh" if cfg.gelu == "tanh" else "none")
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016): drop a block's residual branch per sample while training."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + MSA(LN(x)), then x + MLP(LN(x)) (paper equations 2 and 3)."""
+
+    def __init__(self, cfg: ViTConfig, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.mlp = Mlp(cfg)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, attn = self.attn(self.norm1(x), need_weights)
+        x = x + self.drop_path(y)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x, attn
+
+
+class VisionTransformer(nn.Module):
+    """ViT and its hybrids, built from one `ViTConfig`.
+
+    forward(x) = forward_head(forward_features(x)); `forward_intermediates` returns hidden states and attention
+    probabilities of chosen layers in the same pass.
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.class_token else None
+        n_pos = cfg.num_prefix_tokens + cfg.grid[0] * cfg.grid[1]
+        if cfg.pos_embed == "learn":
+            self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, cfg.width))
+        else:
+            # Fixed, so not saved: any grid is computed exactly when needed.
+            prefix = torch.zeros(1, cfg.num_prefix_tokens, cfg.width)
+            self.register_buffer("pos_embed", torch.cat([prefix, sincos_2d(cfg.grid, cfg.width)], 1), persistent=False)
+        self.pos_drop = nn.Dropout(cfg.dropout)
+        # Stochastic depth grows linearly with depth, 0 at the first block.
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
+        post_pool_norm = cfg.pool == "gap" and cfg.fc_norm
+        self.norm = nn.Identity() if post_pool_norm else nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.fc_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if post_pool_norm else nn.Identity()
+        self.pre_logits = nn.Identity()
+        head_in = cfg.width
+        if cfg.representation_size:
+            self.pre_logits = nn.Sequential()
+            self.pre_logits.add_module("fc", nn.Linear(cfg.width, cfg.representation_size))
+            self.pre_logits.add_module("act", nn.Tanh())
+            head_in = cfg.representation_size
+        self.head = nn.Linear(head_in, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.reset_parameters()
+        # What travels with the weights: how inputs are made, and the names of the classes when known.
+        self.preprocess: Preprocess = source_preprocess("vitkit", cfg.img_size, cfg.in_chans)
+        self.classes: list[str] | None = None
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The official JAX initialisation: xavier-uniform dense kernels, lecun-normal patch embedding,
+        position embeddings N(0, 0.02), a zero class token and a zero head (so fine-tuning starts neutral)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                else:
+                    nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for block in self.blocks:
+            nn.init.normal_(block.mlp.fc1.bias, std=1e-6)
+            nn.init.normal_(block.mlp.fc2.bias, std=1e-6)
+        fan_in = self.patch_embed.proj.in_channels * self.patch_embed.proj.kernel_size[0] ** 2
+        nn.init.trunc_normal_(self.patch_embed.proj.weight, std=(1.0 / fan_in) ** 0.5)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.normal_(self.pos_embed, std=0.02)
+        if isinstance(self.head, nn.Linear):
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    # ---- embedding -------------------------------------------------------------------------------------------
+    def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        if grid == self.cfg.grid:
+            return self.pos_embed
+        if not self.cfg.dynamic_img_size:
+            h, w = grid[0] * self.cfg.stride, grid[1] * self.cfg.stride
+            raise ValueError(
+                f"input {h}x{w} differs from the model's img_size {self.cfg.img_size}; build the model with "
+                "dynamic_img_size=True to resample position embeddings at forward time"
+            )
+        if self.cfg.pos_embed == "sincos":
+            prefix = self.pos_embed[:, : self.cfg.num_prefix_tokens]
+            return torch.cat([prefix, sincos_2d(grid, self.cfg.width).to(prefix)], 1)
+        return resample_pos_embed(self.pos_embed, grid, self.cfg.grid, self.cfg.num_prefix_tokens, self.cfg.pos_interp)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, prefix + N, D): patch tokens, class token, position embeddings, dropout."""
+        x, grid = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        return self.pos_drop(x + self._pos_embed_for(grid).to(x.dtype))
+
+    # ---- forward ---------------------------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, T, D) tokens after the last block and the encoder norm."""
+        x = self.embed(x)
+        for block in self.blocks:
+            x, _ = block(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, T, D) tokens -> (B, num_classes) logits, or the vector fed to the head when `pre_logits`."""
+        if self.cfg.pool == "token":
+            x = x[:, 0]
+        else:
+            x = x[:, self.cfg.num_prefix_tokens :].mean(dim=1)
+        x = self.pre_logits(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        layers: int | Iterable[int] | None = None,
+        attn_layers: int | Iterable[int] | None = (),
+        norm: bool = False,
+    ) -> dict[str, torch.Tensor | dict[int, torch.Tensor]]:
+        """One pass that also returns what chosen blocks produced.
+
+        Args:
+            x: (B, C, H, W) images.
+            layers: blocks whose output tokens to return: None for all, an int n for the last n, or indices
+                (negative ones count from the end).
+            attn_layers: blocks whose attention probabilities to return, same forms; () for none. Only these
+                blocks take the manual attention path; the others stay on the fused kernel.
+            norm: apply the encoder norm to the returned hidden states.
+
+        Returns:
+            {"features": (B, T, D) as forward_features, "logits": forward_head of it,
+             "hidden": {block: (B, T, D)}, "attn": {block: (B, heads, T, T)}}.
+        """
+        keep_hidden = self._layer_indices(layers)
+        keep_attn = self._layer_indices(attn_layers)
+        hidden, attn = {}, {}
+        x = self.embed(x)
+        for i, block in enumerate(self.blocks):
+            x, a = block(x, need_weights=i in keep_attn)
+            if i in keep_hidden:
+                hidden[i] = self.norm(x) if norm else x
+            if a is not None:
+                attn[i] = a
+        features = self.norm(x)
+        return {"features": features, "logits": self.forward_head(features), "hidden": hidden, "attn": attn}
+
+    def _layer_indices(self, layers: int | Iterable[int] | None) -> set[int]:
+        depth = len(self.blocks)
+        if layers is None:
+            return set(range(depth))
+        if isinstance(layers, int):
+            return set(range(depth - layers, depth))
+        out = set()
+        for i in layers:
+            j = i + depth if i < 0 else i
+            if not 0 <= j < depth:
+                raise ValueError(f"layer index {i} is out of range for a model with {depth} blocks")
+            out.add(j)
+        return out
