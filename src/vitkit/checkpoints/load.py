@@ -81,13 +81,16 @@ def resolve(ckpt: Checkpoint, model: str | ViTConfig | None, overrides: dict[str
                 f"{fields['width']} is no named size; pass heads=N"
             )
         fields["heads"] = heads
+    # Classes and input size may differ (fresh head, resampled position embeddings), and the pre-logits layer
+    # may be dropped (as the official fine-tuning does); the file fixes everything else it holds.
+    free = {"num_classes", "img_size"}
     for key, value in overrides.items():
-        if key in held and _norm(value) != _norm(held[key]) and key not in ("num_classes", "img_size"):
-            if not (key == "representation_size" and value is None):
-                raise ValueError(
-                    f"{ckpt.path}: the file holds {key}={held[key]!r}; the override {key}={value!r} "
-                    "cannot be applied to these weights"
-                )
+        dropping_pre_logits = key == "representation_size" and value is None
+        if key in held and key not in free and not dropping_pre_logits and _norm(value) != _norm(held[key]):
+            raise ValueError(
+                f"{ckpt.path}: the file holds {key}={held[key]!r}; the override {key}={value!r} "
+                "cannot be applied to these weights"
+            )
     fields.update(overrides)
     fields["name"] = fields.get("name") or ""
     return ViTConfig.from_dict(fields)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -45,7 +47,7 @@ def resample_pos_embed(
     prefix, grid_rows = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     n = grid_rows.shape[1]
     if old_grid is None:
-        side = int(round(n**0.5))
+        side = math.isqrt(n)
         if side * side != n:
             raise ValueError(f"position embedding has {n} grid rows, not a square grid; pass old_grid")
         old_grid = (side, side)
