@@ -1,0 +1,139 @@
+"""`vitkit` subcommands: thin wrappers over importable functions."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from typing import Any
+
+import yaml
+
+from .checkpoints import convert, load_pretrained, save_pretrained
+from .models import count_macs, create_model, list_models
+from .models.variants import config_for
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` pairs; values are read as YAML (`img_size=[384,384]`, `gelu=tanh`, `num_classes=10`)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    import torch
+
+    rows = []
+    for name in list_models():
+        if args.filter and args.filter.lower() not in name:
+            continue
+        cfg = config_for(name)
+        with torch.device("meta"):
+            params = sum(p.numel() for p in create_model(cfg).parameters())
+        rows.append((name, params, count_macs(cfg) / 1e9, cfg))
+    print(f"{'name':<14} {'params':>13} {'GMACs':>7}  width depth heads patch  stem")
+    for name, params, gmacs, cfg in rows:
+        stem = "-" if cfg.hybrid is None else "resnet " + (",".join(map(str, cfg.hybrid)) or "root only")
+        print(
+            f"{name:<14} {params:>13,} {gmacs:>7.2f}  {cfg.width:>5} {cfg.depth:>5} {cfg.heads:>5} {cfg.patch_size:>5}"
+            f"  {stem}"
+        )
+    print("(224x224, 1000 classes; aliases such as ViT-B/16, ViT-B_16, vit_base_patch16_224, R50+ViT-B/16 work too)")
+
+
+def cmd_create(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.manual_seed(args.seed)
+    model = create_model(args.name, **parse_overrides(args.set))
+    out = save_pretrained(model, args.out, to=args.to, overwrite=args.overwrite)
+    print(f"wrote a freshly initialised {model.cfg.name or args.name} ({args.to}) to {out}")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    out = convert(args.src, args.dst, to=args.to, overwrite=args.overwrite, **parse_overrides(args.set))
+    print(f"converted {args.src} -> {out} ({args.to})")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from .predict import class_names, expand_images, predict
+
+    model = load_pretrained(args.model, **parse_overrides(args.set))
+    results = predict(model, expand_images(args.images), args.topk, class_names(model, args.class_index))
+    if args.format == "json":
+        print(json.dumps([r.__dict__ for r in results], indent=2))
+    elif args.format == "csv":
+        w = csv.writer(sys.stdout)
+        w.writerow(["path", "rank", "label", "prob", "error"])
+        for r in results:
+            for rank, (label, p) in enumerate(zip(r.labels, r.probs, strict=True), 1):
+                w.writerow([r.path, rank, label, f"{p:.6f}", ""])
+            if r.error:
+                w.writerow([r.path, "", "", "", r.error])
+    else:
+        for r in results:
+            print(r.path)
+            if r.error:
+                print(f"    could not read: {r.error}")
+            for label, p in zip(r.labels, r.probs, strict=True):
+                print(f"    {p:7.2%}  {label}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitkit", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the named variants with parameter counts and GMACs")
+    p.add_argument("filter", nargs="?", help="only names containing this text")
+    p.set_defaults(func=cmd_models)
+
+    set_help = "override a config field, key=value (repeatable), e.g. --set num_classes=10 --set img_size=384"
+    p = sub.add_parser("create", help="build a named variant with fresh weights and save it")
+    p.add_argument("name", help="variant name, e.g. vit_b16, ViT-B/16, vit_base_patch16_224, R50+ViT-B/16")
+    p.add_argument("out", help="output path")
+    p.add_argument("--to", default="vitkit", choices=["vitkit", "npz", "hf", "timm"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("convert", help="convert a checkpoint of any supported format")
+    p.add_argument("src", help="checkpoint file or directory (format detected)")
+    p.add_argument("dst", help="output path")
+    p.add_argument("--to", default="vitkit", choices=["vitkit", "npz", "hf", "timm"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("predict", help="top-k classes for images, folders or globs")
+    p.add_argument("model", help="checkpoint file or directory (any supported format)")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--class-index", help="JSON of class names, e.g. ImageNet's imagenet_class_index.json")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="vitkit: %(message)s")
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"vitkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
