@@ -73,7 +73,7 @@ def resolve(ckpt: Checkpoint, model: str | ViTConfig | None, overrides: dict[str
                 )
     fields.update(ckpt.defaults)
     fields.update(held)
-    if "heads" not in held and model is None:
+    if "heads" not in held and "heads" not in overrides and model is None:
         heads = heads_for_width(fields["width"])
         if heads is None:
             raise ValueError(

@@ -19,6 +19,8 @@ from .files import read_json, read_safetensors
 
 FORMAT_VERSION = 1
 WEIGHTS, RECORD = "model.safetensors", "vitkit.json"
+# Config fields the record fixes beyond what tensor shapes show.
+STRUCTURE = ("heads", "img_size", "pool", "fc_norm", "class_token", "pos_embed", "hybrid")
 
 
 def record_of(model: VisionTransformer) -> dict:
@@ -62,6 +64,17 @@ def from_record(tensors: dict[str, torch.Tensor], record: dict, path: Path) -> C
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path}: vitkit record is incomplete or malformed ({e})") from e
     fields = cfg.to_dict()
-    fields["img_size"] = tuple(fields["img_size"])
+    fields["img_size"] = cfg.img_size
     fields["hybrid"] = cfg.hybrid
-    return Checkpoint(tensors, "vitkit", str(path), determined=fields, preprocess=prep, classes=record.get("classes"))
+    # The record fixes the structure; numerics and regularisation are what the model was saved with, and a
+    # user may change them.
+    determined = {k: fields.pop(k) for k in STRUCTURE}
+    return Checkpoint(
+        tensors,
+        "vitkit",
+        str(path),
+        determined=determined,
+        defaults=fields,
+        preprocess=prep,
+        classes=record.get("classes"),
+    )

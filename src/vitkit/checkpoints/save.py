@@ -18,15 +18,21 @@ def save_pretrained(model: VisionTransformer, path: str | Path, to: str = "vitki
     Raises:
         FileExistsError: `path` exists and `overwrite` is False; nothing is touched.
     """
+    path = _check_target(path, to, overwrite)
+    WRITERS[to](model, path)
+    return path
+
+
+def _check_target(path: str | Path, to: str, overwrite: bool) -> Path:
     if to not in WRITERS:
         raise ValueError(f"unknown output format {to!r}; expected one of {sorted(WRITERS)}")
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
-    WRITERS[to](model, path)
     return path
 
 
 def convert(src: str | Path, dst: str | Path, to: str = "vitkit", overwrite: bool = False, **overrides: Any) -> Path:
     """Read any supported checkpoint and write it as `to`; the preprocessing of the source is recorded."""
+    _check_target(dst, to, overwrite)  # before any work
     return save_pretrained(load_pretrained(src, **overrides), dst, to=to, overwrite=overwrite)

@@ -1,0 +1,64 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vitkit.cli import main
+
+
+def test_models_lists_variants_with_exact_counts(capsys):
+    assert main(["models", "b16"]) == 0
+    out = capsys.readouterr().out
+    assert "vit_b16" in out and "86,567,656" in out and "17.56" in out
+    assert "r50_vit_b16" in out and "98,659,112" in out
+    assert "vit_s16" not in out
+
+
+def test_create_convert_predict(tmp_path, capsys):
+    tiny = ["--set", "img_size=32", "--set", "patch_size=8", "--set", "width=32", "--set", "depth=2",
+            "--set", "heads=4", "--set", "mlp_dim=64", "--set", "num_classes=3"]  # fmt: skip
+    assert main(["create", "vit_ti16", str(tmp_path / "m"), *tiny]) == 0
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "m.pth"), "--to", "timm"]) == 0
+    # A timm state dict does not store the head count; width 32 is no named size, so it is given.
+    assert main(["convert", str(tmp_path / "m.pth"), str(tmp_path / "m2"), "--set", "heads=4"]) == 0
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i, mode in enumerate(["RGB", "L", "RGBA"]):
+        Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)).convert(mode).save(images / f"{i}.png")
+    (images / "broken.jpg").write_bytes(b"<html>not an image</html>")
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "m2"), str(images), "--topk", "2", "--format", "json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["path"].rsplit("/", 1)[-1] for r in results] == ["0.png", "1.png", "2.png", "broken.jpg"]
+    for r in results[:3]:
+        assert len(r["labels"]) == 2 and set(r["labels"]) <= {"class_0", "class_1", "class_2"}
+        assert 0 < r["probs"][1] <= r["probs"][0] < 1
+    assert results[3]["labels"] == [] and "UnidentifiedImageError" in results[3]["error"]
+
+
+def test_convert_refuses_to_overwrite(tmp_path, capsys):
+    tiny = ["--set", "img_size=16", "--set", "patch_size=8", "--set", "width=8", "--set", "depth=1",
+            "--set", "heads=2", "--set", "mlp_dim=8"]  # fmt: skip
+    assert main(["create", "vit_ti16", str(tmp_path / "a.pth"), "--to", "timm", *tiny]) == 0
+    (tmp_path / "b.pth").write_bytes(b"precious")
+    assert main(["convert", str(tmp_path / "a.pth"), str(tmp_path / "b.pth"), "--to", "timm"]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert (tmp_path / "b.pth").read_bytes() == b"precious"
+
+
+def test_errors_are_clear(tmp_path, capsys):
+    assert main(["predict", str(tmp_path / "missing"), "x.jpg"]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    assert main(["create", "vit_q99", str(tmp_path / "q")]) == 2
+    assert "unknown model name 'vit_q99'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["convert", "a", "b", "--to", "onnx"])
+
+
+def test_python_dash_m():
+    out = subprocess.run([sys.executable, "-m", "vitkit", "--help"], capture_output=True, text=True, check=True)
+    assert "convert" in out.stdout and "predict" in out.stdout
