@@ -120,7 +120,12 @@ def load_state(model: VisionTransformer, ckpt: Checkpoint) -> list[str]:
         stride = model.cfg.stride
         old_grid = (held["img_size"][0] // stride, held["img_size"][1] // stride)
         sd["pos_embed"] = resample_pos_embed(
-            sd["pos_embed"], model.cfg.grid, old_grid, model.cfg.num_prefix_tokens, model.cfg.pos_interp
+            sd["pos_embed"],
+            model.cfg.grid,
+            old_grid,
+            model.cfg.num_prefix_tokens,
+            model.cfg.pos_interp,
+            model.cfg.pos_antialias,
         )
         log.info(
             "%s: resampled position embeddings from a %dx%d to a %dx%d grid (%s)",

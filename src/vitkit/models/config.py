@@ -42,6 +42,7 @@ class ViTConfig:
         dropout, attn_dropout, drop_path: regularisation rates (dropout after embeddings and in MLP/projection).
         dynamic_img_size: accept inputs of any size at forward time by resampling the position embeddings.
         pos_interp: "bicubic" (timm, HF) or "bilinear" (the official code's zoom) for resampling.
+        pos_antialias: antialias when resampling to a smaller grid (timm does, Hugging Face does not).
         hybrid: ResNet v2 stage depths of a hybrid stem, () for the root block only, None for a plain ViT.
         stem_width: channels of the hybrid root convolution (64 x width factor).
         stem_numerics: weight standardisation and GroupNorm eps of the hybrid stem, as the official code
@@ -69,6 +70,7 @@ class ViTConfig:
     drop_path: float = 0.0
     dynamic_img_size: bool = False
     pos_interp: Interp = "bicubic"
+    pos_antialias: bool = True
     hybrid: tuple[int, ...] | None = None
     stem_width: int = 64
     stem_numerics: StemNumerics = "official"

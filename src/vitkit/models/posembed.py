@@ -29,6 +29,7 @@ def resample_pos_embed(
     old_grid: tuple[int, int] | None = None,
     num_prefix_tokens: int = 1,
     mode: str = "bicubic",
+    antialias: bool = True,
 ) -> torch.Tensor:
     """Resample learned position embeddings to another token grid (paper section 3.2, fine-tuning at higher
     resolution). The class-token row(s) are kept apart and left as they are.
@@ -38,8 +39,9 @@ def resample_pos_embed(
         new_grid: (H', W') wanted.
         old_grid: (H, W) of `pos_embed`; a square grid is assumed when None.
         num_prefix_tokens: leading rows that are not on the grid.
-        mode: "bicubic" (timm, Hugging Face; with antialias when shrinking) or "bilinear" (the official code's
+        mode: "bicubic" (timm, Hugging Face) or "bilinear" (the official code's
             `scipy.ndimage.zoom(order=1)`, whose default grid_mode=False aligns the corner pixel centres).
+        antialias: with "bicubic", low-pass when shrinking the grid (timm does; Hugging Face does not).
 
     Returns:
         (1, prefix + H'*W', D) in the dtype of `pos_embed`.
@@ -58,7 +60,7 @@ def resample_pos_embed(
     dim = grid_rows.shape[-1]
     dtype = pos_embed.dtype
     grid_rows = grid_rows.float().reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)  # (1, D, H, W)
-    antialias = mode == "bicubic" and (new_grid[0] < old_grid[0] or new_grid[1] < old_grid[1])
+    antialias = antialias and mode == "bicubic" and (new_grid[0] < old_grid[0] or new_grid[1] < old_grid[1])
     align = mode == "bilinear"
     grid_rows = F.interpolate(grid_rows, size=tuple(new_grid), mode=mode, align_corners=align, antialias=antialias)
     grid_rows = grid_rows.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(dtype)

@@ -188,7 +188,10 @@ class VisionTransformer(nn.Module):
         if self.cfg.pos_embed == "sincos":
             prefix = self.pos_embed[:, : self.cfg.num_prefix_tokens]
             return torch.cat([prefix, sincos_2d(grid, self.cfg.width).to(prefix)], 1)
-        return resample_pos_embed(self.pos_embed, grid, self.cfg.grid, self.cfg.num_prefix_tokens, self.cfg.pos_interp)
+        cfg = self.cfg
+        return resample_pos_embed(
+            self.pos_embed, grid, cfg.grid, cfg.num_prefix_tokens, cfg.pos_interp, cfg.pos_antialias
+        )
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, prefix + N, D): patch tokens, class token, position embeddings, dropout."""
