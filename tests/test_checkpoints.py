@@ -174,3 +174,13 @@ def test_corrupt_and_unknown_files(tmp_path):
         vitkit.load_pretrained(tmp_path / "missing.pth", heads=4)
     with pytest.raises(FileNotFoundError, match=r"nope\.pth: no such file"):
         vitkit.load_pretrained(tmp_path / "nope.pth")
+
+
+def test_non_square_file_without_stored_size_loads_at_the_size_asked(tmp_path):
+    model = randomized(tiny(img_size=(32, 48)))
+    vitkit.save_pretrained(model, tmp_path / "t.pth", to="timm")  # a timm state dict does not store its size
+    with pytest.raises(ValueError, match="not a square grid; pass img_size"):
+        vitkit.load_pretrained(tmp_path / "t.pth", heads=4)
+    back = vitkit.load_pretrained(tmp_path / "t.pth", heads=4, img_size=(32, 48))
+    assert back.reinitialized == []
+    assert_same(model, back, torch.randn(1, 3, 32, 48))

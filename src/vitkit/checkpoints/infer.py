@@ -11,12 +11,15 @@ import torch
 from ..models.config import stem_stride
 
 
-def infer_config(sd: dict[str, torch.Tensor], path: str, img_size: tuple[int, int] | None = None) -> dict[str, Any]:
+def infer_config(
+    sd: dict[str, torch.Tensor], path: str, img_size: Any = None, wanted_img_size: Any = None
+) -> dict[str, Any]:
     """The ViTConfig fields the tensors determine.
 
-    Everything but the head count is in the shapes: width, depth, MLP size, patch size, channels, token grid
-    (square unless `img_size` says otherwise), class token, pooling, pre-logits, classes, qkv bias, hybrid
-    stem depths and width. The caller supplies `heads`.
+    Everything but the head count is in the shapes: width, depth, MLP size, patch size, channels, token grid,
+    class token, pooling, pre-logits, classes, qkv bias, hybrid stem depths and width. The caller supplies
+    `heads`. The grid is `img_size`'s when the file stores one (a mismatch is an error), else `wanted_img_size`'s
+    when the stored rows fit it (a non-square file loaded at its own size), else square.
     """
 
     def need(key: str) -> torch.Tensor:
@@ -41,6 +44,9 @@ def infer_config(sd: dict[str, torch.Tensor], path: str, img_size: tuple[int, in
     if "pos_embed" in sd:
         out["pos_embed"] = "learn"
         n = sd["pos_embed"].shape[1] - int(out["class_token"])
+        wanted = _pair(wanted_img_size)
+        if img_size is None and wanted is not None and (wanted[0] // stride) * (wanted[1] // stride) == n:
+            img_size = wanted
         if img_size is not None:
             grid = (img_size[0] // stride, img_size[1] // stride)
             if grid[0] * grid[1] != n:
@@ -77,3 +83,9 @@ def _infer_stem(sd: dict[str, torch.Tensor], proj: torch.Tensor) -> dict[str, An
             break
         depths.append(max(units) + 1)
     return {"in_chans": stem.shape[1], "hybrid": tuple(depths), "stem_width": stem.shape[0]}
+
+
+def _pair(size: Any) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))

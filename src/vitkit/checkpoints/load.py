@@ -60,10 +60,18 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     )
 
 
-def resolve(ckpt: Checkpoint, model: str | ViTConfig | None, overrides: dict[str, Any]) -> ViTConfig:
-    """The config to build: the file's architecture, `model=` for what the file leaves open, then overrides."""
-    held = infer_config(ckpt.state_dict, ckpt.path, ckpt.determined.get("img_size"))
+def held_by(ckpt: Checkpoint, wanted_img_size: Any = None) -> dict[str, Any]:
+    """The config fields the file fixes: read off the shapes, plus what the format stores beside them. A file
+    that does not store its image size is taken at the wanted size when its grid fits, else as a square grid."""
+    held = infer_config(ckpt.state_dict, ckpt.path, ckpt.determined.get("img_size"), wanted_img_size)
     held.update(ckpt.determined)
+    return held
+
+
+def resolve(
+    ckpt: Checkpoint, held: dict[str, Any], model: str | ViTConfig | None, overrides: dict[str, Any]
+) -> ViTConfig:
+    """The config to build: the file's architecture, `model=` for what the file leaves open, then overrides."""
     fields = ViTConfig().to_dict() if model is None else resolve_config(model).to_dict()
     if model is not None:
         for key in ARCHITECTURE:
@@ -100,7 +108,7 @@ def _norm(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def load_state(model: VisionTransformer, ckpt: Checkpoint) -> list[str]:
+def load_state(model: VisionTransformer, ckpt: Checkpoint, held: dict[str, Any]) -> list[str]:
     """Copy the checkpoint's tensors into `model`, resampling position embeddings to the model's grid and
     leaving out a head (or pre-logits layer) the model does not share. Returns what was re-initialised."""
     sd = dict(ckpt.state_dict)
@@ -116,7 +124,6 @@ def load_state(model: VisionTransformer, ckpt: Checkpoint) -> list[str]:
         elif ours and not theirs:
             fresh += sorted(ours)
     if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
-        held = infer_config(ckpt.state_dict, ckpt.path, ckpt.determined.get("img_size"))
         stride = model.cfg.stride
         old_grid = (held["img_size"][0] // stride, held["img_size"][1] // stride)
         sd["pos_embed"] = resample_pos_embed(
@@ -171,9 +178,10 @@ def load_pretrained(path: str | Path, model: str | ViTConfig | None = None, **ov
         `.classes` (names, when the file has them) and `.reinitialized` (parameters not taken from the file).
     """
     ckpt = read_checkpoint(path)
-    cfg = resolve(ckpt, model, overrides)
+    held = held_by(ckpt, overrides.get("img_size"))
+    cfg = resolve(ckpt, held, model, overrides)
     net = VisionTransformer(cfg)
-    net.reinitialized = load_state(net, ckpt)
+    net.reinitialized = load_state(net, ckpt, held)
     prep = ckpt.preprocess or source_preprocess(ckpt.source, cfg.img_size, cfg.in_chans)
     net.preprocess = prep.resized(cfg.img_size)
     if ckpt.classes is not None and cfg.num_classes == len(ckpt.classes):
