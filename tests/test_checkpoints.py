@@ -95,6 +95,8 @@ def test_new_classes_reinitialise_the_head_and_say_so(tmp_path, caplog):
     assert "re-initialised head.bias, head.weight" in caplog.text
     assert torch.equal(back.blocks[1].mlp.fc2.weight, model.blocks[1].mlp.fc2.weight)
     assert back(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    assert not back.head.weight.any() and not back.head.bias.any()  # zero, as the paper's fine-tuning (3.2)
+    assert vitkit.create_model("vit_ti16", num_classes=3).head.weight.std() > 0.01  # a fresh model's is random
     no_pre = vitkit.load_pretrained(tmp_path / "m", num_classes=0)
     assert isinstance(no_pre.head, torch.nn.Identity) and no_pre.reinitialized == []
 

@@ -7,6 +7,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..models import VisionTransformer, ViTConfig, resolve_config
 from ..models.posembed import resample_pos_embed
 from ..models.variants import heads_for_width
@@ -155,6 +157,11 @@ def load_state(model: VisionTransformer, ckpt: Checkpoint, held: dict[str, Any])
             f"{' ...' if len(unexpected) > 8 else ''}"
         )
     model.load_state_dict(sd, strict=False)
+    if any(k.startswith("head.") for k in fresh):
+        # "we remove the pre-trained prediction head and attach a zero-initialized D x K feedforward layer"
+        # (paper section 3.2).
+        torch.nn.init.zeros_(model.head.weight)
+        torch.nn.init.zeros_(model.head.bias)
     if fresh:
         log.warning("%s: re-initialised %s (not in the file or a different shape)", ckpt.path, ", ".join(fresh))
     return fresh

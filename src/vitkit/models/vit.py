@@ -155,7 +155,8 @@ class VisionTransformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """The official JAX initialisation: xavier-uniform dense kernels, lecun-normal patch embedding,
-        position embeddings N(0, 0.02), a zero class token and a zero head (so fine-tuning starts neutral)."""
+        position embeddings N(0, 0.02), a zero class token; the head truncated-normal with std 0.02. (A head
+        replaced for fine-tuning starts at zero instead, paper section 3.2; `load_pretrained` does that.)"""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 if isinstance(m, nn.Linear):
@@ -172,7 +173,7 @@ class VisionTransformer(nn.Module):
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.normal_(self.pos_embed, std=0.02)
         if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
     # ---- embedding -------------------------------------------------------------------------------------------
