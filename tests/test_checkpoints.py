@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 import torch
+from randomized import randomized
 from safetensors.torch import save_file
 
 import vitkit
@@ -17,15 +18,6 @@ def tiny(**kw) -> ViTConfig:
     base = dict(img_size=(32, 32), patch_size=8, width=32, depth=2, heads=4, mlp_dim=64, num_classes=5)
     base.update(kw)
     return ViTConfig(**base)
-
-
-def randomized(cfg: ViTConfig, seed: int = 0) -> vitkit.VisionTransformer:
-    torch.manual_seed(seed)
-    model = vitkit.VisionTransformer(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model
 
 
 def assert_same(a: vitkit.VisionTransformer, b: vitkit.VisionTransformer, x: torch.Tensor) -> None:

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from randomized import randomized
 
 import vitkit
 from vitkit.models import ViTConfig, count_macs, count_params, create_model
@@ -116,15 +117,6 @@ def tiny(**kw) -> ViTConfig:
     base = dict(img_size=(32, 48), patch_size=8, width=32, depth=3, heads=4, mlp_dim=64, num_classes=7)
     base.update(kw)
     return ViTConfig(**base)
-
-
-def randomized(cfg: ViTConfig, seed: int = 0) -> vitkit.VisionTransformer:
-    torch.manual_seed(seed)
-    model = vitkit.VisionTransformer(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)  # the zero head and tiny biases of the real init would hide mistakes
-    return model
 
 
 @pytest.mark.parametrize(
