@@ -10,21 +10,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file as load_safetensors
+from safetensors import SafetensorError, safe_open
 
 # Keys under which training scripts nest the weights, tried in this order.
 _WRAPPERS = ("state_dict", "model", "module", "model_state", "params")
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and the header metadata of a .safetensors file."""
-    from safetensors import safe_open
-
+    """Tensors and the header metadata of a .safetensors file, in one read."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        return load_safetensors(str(path)), metadata
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import zipfile
 from pathlib import Path
@@ -48,8 +49,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         return mindspore.read(path)
     if suffix == ".safetensors":
         tensors, metadata = read_safetensors(path)
-        if "vitkit" in metadata:
-            return native.read(path)
+        if "vitkit" in metadata:  # vitkit's weight file alone: the record is in its header
+            return native.from_record(tensors, json.loads(metadata["vitkit"]), path)
     else:
         tensors = read_torch(path)
     keys = set(tensors)

@@ -42,14 +42,8 @@ def write(model: VisionTransformer, path: Path) -> None:
 
 
 def read(path: Path) -> Checkpoint:
-    """A vitkit directory, or its .safetensors file on its own."""
-    if path.is_dir():
-        record = read_json(path / RECORD)
-        tensors, _ = read_safetensors(path / WEIGHTS)
-    else:
-        tensors, metadata = read_safetensors(path)
-        record = json.loads(metadata["vitkit"])
-    return from_record(tensors, record, path)
+    """A vitkit directory (its weight file alone is read by load.py through `from_record`)."""
+    return from_record(read_safetensors(path / WEIGHTS)[0], read_json(path / RECORD), path)
 
 
 def from_record(tensors: dict[str, torch.Tensor], record: dict, path: Path) -> Checkpoint:
