@@ -62,3 +62,65 @@ def test_errors_are_clear(tmp_path, capsys):
 def test_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "vitkit", "--help"], capture_output=True, text=True, check=True)
     assert "convert" in out.stdout and "predict" in out.stdout
+
+
+TINY = ["--set", "img_size=16", "--set", "patch_size=4", "--set", "width=32", "--set", "depth=2",
+        "--set", "heads=2", "--set", "mlp_dim=64", "--set", "num_classes=3"]  # fmt: skip
+
+
+def test_predict_annotate(tmp_path, capsys):
+    assert main(["create", "vit_ti16", str(tmp_path / "m"), *TINY]) == 0
+    rng = np.random.default_rng(0)
+    originals = {}
+    for folder, mode in [("a", "RGB"), ("b", "L")]:
+        (tmp_path / folder).mkdir()
+        path = tmp_path / folder / "0.png"
+        Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).convert(mode).save(path)
+        originals[path] = path.read_bytes()
+    (tmp_path / "a" / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "annotated"
+    inputs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "m"), *inputs, "--annotate", str(out), "--format", "json"]) == 0
+    results = json.loads(capsys.readouterr().out)  # stdout stays pure JSON
+    assert sorted(p.name for p in out.iterdir()) == ["0.png", "0_1.png"]  # same names get a suffix; none for broken
+    for path, copy in [(tmp_path / "a" / "0.png", out / "0.png"), (tmp_path / "b" / "0.png", out / "0_1.png")]:
+        assert path.read_bytes() == originals[path]
+        before = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+        after = np.asarray(Image.open(copy), dtype=np.int16)
+        assert after.shape == before.shape
+        assert np.abs(after[:8, :40] - before[:8, :40]).mean() > 20  # the label box
+        np.testing.assert_array_equal(after[60:], before[60:])  # the rest is untouched
+    assert results[0]["labels"] and results[1]["error"]
+
+    assert main(["predict", str(tmp_path / "m"), *inputs, "--annotate", str(out)]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "m"), *inputs, "--annotate", str(out), "--overwrite"]) == 0
+    # The originals are never written, --overwrite or not.
+    assert main(["predict", str(tmp_path / "m"), inputs[0], "--annotate", inputs[0], "--overwrite"]) == 2
+    assert "is one of the input images" in capsys.readouterr().err
+
+
+def test_eval_writes_a_report(tmp_path, capsys):
+    pytest.importorskip("vitkit.data.loader")
+    assert main(["create", "vit_ti16", str(tmp_path / "m"), *TINY]) == 0
+    rng = np.random.default_rng(0)
+    for name in ["ant", "bee", "cow"]:
+        for split in ["train", "val"]:
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            for i in range(3):
+                image = Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8))
+                image.save(tmp_path / "data" / split / name / f"{i}.jpg")
+    capsys.readouterr()
+    args = ["eval", str(tmp_path / "m"), str(tmp_path / "data"), "--batch-size", "4", "--device", "cpu"]
+    assert main([*args, "--json", "--out", str(tmp_path / "report")]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["count"] == 9 and 0 <= metrics["top1"] <= 1 and metrics["top5"] == 1.0 and metrics["loss"] > 0
+    assert list(metrics["per_class"]) == ["ant", "bee", "cow"]
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text()) == metrics
+    assert {p.name for p in (tmp_path / "report").iterdir()} == {"metrics.json", "confusion.csv", "confusion.png"}
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "top-1" in out and "cow" in out and "skipped 0" in out
+    assert main(["eval", str(tmp_path / "m"), "digits"]) == 2
+    assert "10 classes, but the model has 3 outputs" in capsys.readouterr().err

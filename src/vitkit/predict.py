@@ -1,4 +1,4 @@
-"""Top-k predictions for image files, folders and globs, with the model's own preprocessing."""
+"""Top-k predictions for image files, folders and globs, with the model's own preprocessing; annotated copies."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from .models import VisionTransformer
 
@@ -90,3 +90,57 @@ def predict(
             flush()
     flush()
     return results
+
+
+def annotated_paths(paths: list[Path], out_dir: str | Path, overwrite: bool = False) -> list[Path]:
+    """Where `annotate` writes each input's copy: out_dir/<the input's name>, with _1, _2 ... before the suffix
+    when names repeat.
+
+    Raises:
+        FileExistsError: a target exists and `overwrite` is False, or a target is one of the inputs (originals
+            are never written, whatever `overwrite` says). Nothing is written then.
+    """
+    out_dir = Path(out_dir)
+    used: set[str] = set()
+    targets = []
+    for path in paths:
+        name, n = path.name, 0
+        while name.lower() in used:  # case-insensitive: the names must differ on every file system
+            n += 1
+            name = f"{path.stem}_{n}{path.suffix}"
+        used.add(name.lower())
+        targets.append(out_dir / name)
+    inputs = {p.resolve() for p in paths}
+    originals = [t for t in targets if t.resolve() in inputs]
+    if originals:
+        raise FileExistsError(f"{originals[0]} is one of the input images; annotate into another folder")
+    existing = [t for t in targets if t.exists()]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise FileExistsError(f"{existing[0]}{more} exist; refusing to overwrite (pass --overwrite)")
+    return targets
+
+
+def annotate(image_path: str | Path, prediction: Prediction, out_path: str | Path) -> Path:
+    """Write a copy of the image with its top-1 label and probability drawn on a filled box in the top-left
+    corner. The copy is upright (EXIF orientation applied) and in the format `out_path`'s suffix names."""
+    if not prediction.labels:
+        raise ValueError(f"{image_path}: no prediction to draw ({prediction.error or 'no labels'})")
+    out_path = Path(out_path)
+    with Image.open(image_path) as original:
+        image = ImageOps.exif_transpose(original).convert("RGB")
+    text = f"{prediction.labels[0]}  {prediction.probs[0]:.1%}"
+    size = max(10, round(min(image.size) / 16))  # legible on thumbnails and on camera photos alike
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: a fixed-size bitmap font
+        font = ImageFont.load_default()
+    draw = ImageDraw.Draw(image)
+    pad = max(2, size // 4)
+    _, _, right, bottom = draw.textbbox((pad, pad), text, font=font)
+    draw.rectangle((0, 0, right + pad, bottom + pad), fill=(0, 0, 0))
+    draw.text((pad, pad), text, fill=(255, 255, 255), font=font)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    quality = {"quality": 95} if out_path.suffix.lower() in {".jpg", ".jpeg", ".webp"} else {}
+    image.save(out_path, **quality)
+    return out_path

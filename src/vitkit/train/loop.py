@@ -1,0 +1,323 @@
+"""The training loop: one function, read top to bottom; its helpers are small and pure where they can be.
+
+Every random draw is a function of (seed, step) or (seed, epoch, sample index): the sampler's order, the crops,
+the device augmentation, dropout. A resumed run therefore needs only the step, the weights, the optimizer, the
+scaler and the EMA to continue exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from ..checkpoints import load_pretrained, save_pretrained
+from ..data import batches, open_source, steps_per_epoch
+from ..data.augment import DeviceAugment
+from ..evaluate import EvalResult, autocast, evaluate, write_report
+from ..models import VisionTransformer, create_model
+from . import distributed
+from .config import RunConfig
+from .ema import ModelEma
+from .metrics import MetricsLog, read_metrics
+from .optim import build_optimizer, freeze, lr_at, set_lr, warmup_steps
+from .signals import StopSignal
+from .state import load_state, save_state, write_atomic
+
+CONFIG, LAST = "config.yaml", Path("checkpoints") / "last.pt"
+
+
+def train(
+    cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False, progress: str = "bar"
+) -> dict[str, Any]:
+    """Train (or fine-tune) as `cfg` says, writing everything into `run_dir`; returns the final metrics.
+
+    Under `torchrun` every rank calls this; rank 0 alone writes. `resume=True` continues the run in `run_dir`
+    from its last checkpoint; an existing run directory is otherwise refused unless `overwrite=True`.
+    """
+    run_dir = Path(run_dir)
+    cfg.validate()
+    proc, device = distributed.setup(cfg.train.device)
+    try:
+        return _train(cfg, run_dir, proc, device, resume, overwrite, progress)
+    finally:
+        distributed.teardown()
+
+
+def run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved config a run directory was started with (what `--resume` continues)."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no run to resume here (the run directory has no {CONFIG})")
+    return RunConfig.from_dict(yaml.safe_load(path.read_text()), str(path))
+
+
+def _train(
+    cfg: RunConfig,
+    run_dir: Path,
+    proc: distributed.Dist,
+    device: torch.device,
+    resume: bool,
+    overwrite: bool,
+    progress: str,
+) -> dict[str, Any]:
+    t, o = cfg.train, cfg.optim
+    if t.batch_size % (proc.world * t.accum_steps):
+        raise ValueError(
+            f"train.batch_size={t.batch_size} must divide by world size x accum_steps = {proc.world} x {t.accum_steps}"
+        )
+    state = _prepare_run_dir(cfg, run_dir, resume, overwrite, proc)
+    train_src = open_source(cfg.data.path, cfg.data.train_split, val_fraction=cfg.data.val_fraction, seed=t.seed)
+    val_src = _val_source(cfg)
+
+    torch.manual_seed(t.seed)  # the initial weights
+    model = build_model(cfg, train_src.classes).to(device)
+    freeze(model, o.freeze)
+    optimizer = build_optimizer(model, o)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    ema = ModelEma(model, t.ema_decay) if t.ema_decay else None
+    step, best = 0, -1.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
+        step, best = state["step"], state["best_top1"]
+    net = model
+    if proc.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    spe = steps_per_epoch(len(train_src), t.batch_size, drop_last=True)
+    if spe == 0:
+        raise ValueError(
+            f"{train_src.name}: {len(train_src)} training images, fewer than train.batch_size={t.batch_size}"
+        )
+    total = t.steps or math.ceil(t.epochs * spe)
+    warmup = warmup_steps(cfg.schedule, spe)
+    eval_interval = max(1, round(t.eval_every * spe)) if t.eval_every > 0 else total
+    save_interval = t.save_every or eval_interval
+    prep = model.preprocess
+    augment = DeviceAugment(cfg.augment, prep.mean, prep.std, model.cfg.num_classes)
+    amp = autocast(device, t.precision)
+    log = MetricsLog(run_dir, total, step, progress if proc.main else "none")
+    skipped: dict[str, str] = {}
+    interval = {"loss": 0.0, "steps": 0, "images": 0, "wait": 0.0, "start": time.perf_counter()}
+
+    model.train()
+    last_eval, interrupted, tick = None, False, time.perf_counter()
+    with StopSignal() as stop:
+        for batch in _stream(train_src, cfg, model, proc, spe, step):
+            interval["wait"] += time.perf_counter() - tick
+            skipped.update(batch.skipped)
+            lr = lr_at(step, total, warmup, o.lr, cfg.schedule)
+            set_lr(optimizer, lr)
+            seed = step_seed(t.seed, step, proc.rank)
+            torch.manual_seed(seed)  # dropout and stochastic depth
+            generator = torch.Generator(device).manual_seed(seed)
+            x, targets = augment(batch.images.to(device), batch.labels.to(device), generator)
+            loss = _accumulate(net, x, targets, t.accum_steps, amp, scaler, proc.world > 1)
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"step {step}: the training loss is {loss}; stopped. The last good checkpoint is {run_dir / LAST} "
+                    "(lower optim.lr, add optim.clip_grad, or use train.precision=fp32)"
+                )
+            if o.clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model)
+            step += 1
+            log.step()
+            interval["loss"] += loss
+            interval["steps"] += 1
+            interval["images"] += len(x) * proc.world
+
+            if step % t.log_every == 0 or step == total:
+                log.write(_train_record(step, spe, lr, interval))
+            if step % eval_interval == 0 or step == total:
+                last_eval = _evaluate(cfg, ema.module if ema else model, val_src, device, proc, step, spe, log)
+                model.train()
+                if proc.main and last_eval is not None and last_eval.top1 > best:
+                    best = last_eval.top1
+                    _save_model(ema.module if ema else model, run_dir / "best")
+            interrupted = stop.requested()
+            if (step % save_interval == 0 or step == total or interrupted) and proc.main:
+                state = {
+                    "step": step, "best_top1": best, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "ema": ema.module.state_dict() if ema else None, "config": cfg.to_dict(),
+                }  # fmt: skip
+                save_state(run_dir / LAST, state)
+                _write_skipped(run_dir, skipped)
+            if step >= total or interrupted:
+                break
+            tick = time.perf_counter()
+    log.close()
+    summary = {"step": step, "total_steps": total, "best_top1": best, "skipped": len(skipped)}
+    if interrupted:
+        log.message(f"stopped by a signal at step {step}; continue with: vitkit train --resume --out {run_dir}")
+        return {**summary, "interrupted": True}
+    if proc.main:
+        _save_model(ema.module if ema else model, run_dir / "model")
+        _finish_plots(run_dir, last_eval)
+    if last_eval is not None:
+        summary.update(top1=last_eval.top1, top5=last_eval.top5, loss=last_eval.loss)
+    return summary
+
+
+def _stream(train_src, cfg: RunConfig, model, proc: distributed.Dist, spe: int, step: int):
+    """Training batches from optimizer step `step` on, epoch after epoch (the loop decides when to stop)."""
+    a = cfg.augment
+    for epoch in itertools.count(step // spe):
+        yield from batches(
+            train_src, batch_size=cfg.train.batch_size, img_size=model.cfg.img_size, channels=model.cfg.in_chans,
+            train=True, crop_scale=a.crop_scale, crop_ratio=a.crop_ratio, seed=cfg.train.seed, epoch=epoch,
+            start=step % spe if epoch == step // spe else 0, rank=proc.rank, world=proc.world,
+            workers=cfg.data.workers,
+        )  # fmt: skip
+
+
+def build_model(cfg: RunConfig, classes: list[str]) -> VisionTransformer:
+    """A fresh variant, or the `init` checkpoint of any format with a head for these classes."""
+    m = cfg.model
+    overrides = dict(m.overrides)
+    if m.img_size is not None:
+        overrides["img_size"] = m.img_size
+    overrides["num_classes"] = len(classes)
+    model = load_pretrained(m.init, **overrides) if m.init else create_model(m.name, **overrides)
+    model.classes = list(classes)
+    return model
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A well-mixed seed for one step on one rank."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy against soft targets (mixup, cutmix and label smoothing live in the targets)."""
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def _accumulate(net, x, targets, accum_steps, amp, scaler, distributed_: bool) -> float:
+    """Forward and backward over `accum_steps` micro-batches; the gradient is that of the whole batch's mean loss."""
+    total = torch.zeros((), device=x.device)
+    chunks = list(zip(x.chunk(accum_steps), targets.chunk(accum_steps), strict=True))
+    for i, (xi, ti) in enumerate(chunks):
+        last = i == len(chunks) - 1
+        sync = net.no_sync() if distributed_ and not last else contextlib.nullcontext()  # one all-reduce per step
+        with sync:
+            with amp:
+                loss = soft_cross_entropy(net(xi), ti) * (len(xi) / len(x))
+            scaler.scale(loss).backward()
+        total += loss.detach()
+    return total.item()
+
+
+def _train_record(step: int, spe: int, lr: float, interval: dict) -> dict[str, Any]:
+    now = time.perf_counter()
+    elapsed = now - interval["start"]
+    record = {
+        "kind": "train", "step": step, "epoch": step / spe, "loss": interval["loss"] / interval["steps"], "lr": lr,
+        "images_per_s": interval["images"] / elapsed, "data_wait": interval["wait"] / elapsed,
+    }  # fmt: skip
+    interval.update(loss=0.0, steps=0, images=0, wait=0.0, start=now)
+    return record
+
+
+def _evaluate(cfg, model, val_src, device, proc, step, spe, log) -> EvalResult | None:
+    if val_src is None:
+        return None
+    t = cfg.train
+    res = evaluate(
+        model, val_src, batch_size=t.batch_size, workers=cfg.data.workers, device=device, precision=t.precision,
+        rank=proc.rank, world=proc.world,
+    )  # fmt: skip
+    record = {"kind": "eval", "step": step, "epoch": step / spe, "loss": res.loss, "top1": res.top1, "top5": res.top5}
+    log.write(record)
+    return res
+
+
+def _val_source(cfg: RunConfig):
+    d = cfg.data
+    try:
+        return open_source(d.path, d.val_split, val_fraction=d.val_fraction, seed=cfg.train.seed)
+    except ValueError:
+        if d.val_fraction == 0:  # a tree with no val split and nothing held out: train without evaluation
+            return None
+        raise
+
+
+def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, proc: distributed.Dist):
+    """The training state to continue from (or None), after making sure nothing the user had is overwritten.
+
+    Every rank checks before rank 0 changes anything, so all ranks see the same directory and fail alike.
+    """
+    if resume:
+        if not (run_dir / LAST).is_file():
+            raise FileNotFoundError(f"{run_dir / LAST}: no checkpoint to resume from")
+        state = load_state(run_dir / LAST)
+        stored = RunConfig.from_dict(state["config"], str(run_dir / LAST))
+        if stored != cfg:
+            raise ValueError(f"{run_dir}: the config differs from the one the run was started with; resume with it")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"{run_dir}: the run directory exists and is not empty; resume it (--resume), choose another "
+                "--out, or pass --overwrite to start over"
+            )
+        if not (run_dir / CONFIG).is_file():
+            raise FileExistsError(f"{run_dir}: not a vitkit run directory (no {CONFIG}); refusing to delete it")
+    distributed.barrier()
+    if proc.main and resume:  # metrics written after the checkpoint are written again by the resumed run
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file():
+            kept = [r for r in read_metrics(metrics) if r["step"] <= state["step"]]
+            write_atomic(metrics, "".join(f"{json.dumps(r)}\n" for r in kept).encode())
+    elif proc.main:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    distributed.barrier()
+    return state if resume else None
+
+
+def _save_model(model: VisionTransformer, path: Path) -> None:
+    """Replace a vitkit model directory so that a crash leaves either the old or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tmp)
+    old = path.with_name(f".{path.name}.old")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_skipped(run_dir: Path, skipped: dict[str, str]) -> None:
+    if skipped:
+        write_atomic(run_dir / "skipped.tsv", "".join(f"{w}\t{r}\n" for w, r in sorted(skipped.items())).encode())
+
+
+def _finish_plots(run_dir: Path, last_eval) -> None:
+    from ..plots import training_curves
+
+    training_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+    if last_eval is not None:
+        write_report(last_eval, run_dir / "eval")

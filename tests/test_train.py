@@ -1,0 +1,143 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitkit import load_pretrained
+from vitkit.cli import main
+from vitkit.data import open_source
+from vitkit.train import load_config, train
+from vitkit.train.metrics import read_metrics
+
+TINY = {
+    "model.img_size": 8,
+    "model.overrides": {"patch_size": 2, "in_chans": 1, "width": 32, "depth": 2, "heads": 2, "mlp_dim": 64},
+    "data.workers": 0,
+    "train.batch_size": 32,
+    "train.log_every": 1,
+    "augment.hflip": 0.0,
+    "augment.crop_scale": [0.7, 1.0],
+}
+
+
+def tiny(**overrides):
+    return load_config(None, {**TINY, **overrides})
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_pretrained(run_dir / "model").state_dict()
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def test_training_on_the_embedded_digits_learns(tmp_path):
+    cfg = tiny(**{"train.steps": 300, "optim.lr": 3e-3, "schedule.warmup_steps": 10, "train.eval_every": 0})
+    out = train(cfg, tmp_path / "run", progress="none")
+    assert out["step"] == 300 and out["top1"] > 0.5  # chance is 0.1
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "curves.png", "checkpoints/last.pt", "eval/metrics.json"):
+        assert (run / name).is_file(), name
+    model = load_pretrained(run / "model")
+    assert model.classes == [str(i) for i in range(10)] and model.cfg.in_chans == 1
+    train_losses = [loss for _, loss in losses(run)]
+    assert sum(train_losses[-10:]) / 10 < 0.6 * sum(train_losses[:10]) / 10
+    assert json.loads((run / "eval" / "metrics.json").read_text())["top1"] == pytest.approx(out["top1"])
+
+
+def test_same_seed_same_losses_bit_for_bit(tmp_path):
+    cfg = tiny(**{"train.steps": 6, "train.eval_every": 0, "augment.randaugment_ops": 2, "augment.mixup": 0.2})
+    train(cfg, tmp_path / "a", progress="none")
+    train(cfg, tmp_path / "b", progress="none")
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    train(tiny(**{"train.steps": 6, "train.eval_every": 0, "train.seed": 1}), tmp_path / "c", progress="none")
+    assert losses(tmp_path / "c") != losses(tmp_path / "a")
+
+
+def interrupt_after(run: Path, step: int) -> None:
+    """Send this process SIGTERM (as a cluster scheduler would) once the run has logged `step`."""
+
+    def watch():
+        while True:
+            try:
+                if any(r["step"] >= step for r in read_metrics(run / "metrics.jsonl")):
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            time.sleep(0.005)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def test_interrupted_run_resumes_mid_epoch_exactly(tmp_path):
+    # 1,617 images at batch 16: the interruption lands mid-epoch, so the sampler position matters.
+    cfg = tiny(**{"train.steps": 14, "train.eval_every": 0, "augment.randaugment_ops": 1, "optim.name": "sgd",
+                  "train.ema_decay": 0.9, "train.batch_size": 16, "train.accum_steps": 2,
+                  "model.overrides.drop_path": 0.1})  # fmt: skip
+    train(cfg, tmp_path / "full", progress="none")
+    part = tmp_path / "part"
+    interrupt_after(part, 5)
+    out = train(cfg, part, progress="none")
+    assert out["interrupted"] and 5 <= out["step"] < 14
+    assert not (part / "model").exists()
+    assert train(cfg, part, resume=True, progress="none")["step"] == 14
+    assert losses(part) == losses(tmp_path / "full")
+    wa, wb = weights(tmp_path / "full"), weights(part)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_existing_run_directory_is_refused_unless_resumed_or_overwritten(tmp_path):
+    cfg = tiny(**{"train.steps": 2, "train.eval_every": 0})
+    run = tmp_path / "run"
+    train(cfg, run, progress="none")
+    with pytest.raises(FileExistsError, match="resume it"):
+        train(cfg, run, progress="none")
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a vitkit run directory"):
+        train(cfg, other, overwrite=True, progress="none")
+    assert (other / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="config differs"):
+        train(tiny(**{"train.steps": 3, "train.eval_every": 0}), run, resume=True, progress="none")
+    assert train(cfg, run, overwrite=True, progress="none")["step"] == 2
+
+
+def test_cli_train_interrupt_resume_eval_predict(tmp_path, capsys):
+    run = tmp_path / "run"
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in {**TINY, "train.steps": 400, "train.eval_every": 0}.items()]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "vitkit", "train", "--out", str(run), "--progress", "json", *sets]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:  # wait until it is really training, then interrupt it as a scheduler would
+        if json.loads(line)["step"] >= 5:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"]
+    assert 5 <= stopped < 400 and "--resume" in err
+    assert max(s for s, _ in losses(run)) == stopped
+    assert main(["train", "--resume", "--out", str(run), "--progress", "none"]) == 0
+    steps = [s for s, _ in losses(run)]
+    assert steps == list(range(1, 401))  # nothing lost, nothing repeated
+    assert main(["eval", str(run / "model"), "digits", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    val = open_source(None, "val")
+    assert metrics["top1"] > 0.5 and metrics["count"] == len(val) == 179
+    img = tmp_path / "digit.png"
+    val.load(0, channels=1).save(img)
+    assert main(["predict", str(run / "model"), str(img), "--format", "json"]) == 0
+    pred = json.loads(capsys.readouterr().out)[0]
+    assert pred["labels"][0] in [str(i) for i in range(10)] and 0 < pred["probs"][0] <= 1
