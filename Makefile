@@ -15,14 +15,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
+# The main job on the digits embedded in vitkit: train a small ViT from scratch, evaluate it, predict on a few
+# images and draw the plots (about a minute on 2 CPU cores).
 demo: setup
 	rm -rf $(DEMO)
-	$(BIN)/vitkit models
-	$(BIN)/vitkit create ViT-Ti/16 $(DEMO)/vit_ti16 --seed 0
-	$(BIN)/vitkit convert $(DEMO)/vit_ti16 $(DEMO)/ViT-Ti_16.npz --to npz
-	$(BIN)/vitkit convert $(DEMO)/ViT-Ti_16.npz $(DEMO)/vit_ti16_hf --to hf
-	$(BIN)/vitkit predict $(DEMO)/vit_ti16_hf $(DATA)/imagenet_samples --topk 3 \
-		--class-index $(DATA)/imagenet_samples/imagenet_class_index.json
+	$(BIN)/vitkit train --out $(DEMO)/digits
+	$(BIN)/vitkit eval $(DEMO)/digits/model digits --out $(DEMO)/digits/eval
+	$(BIN)/python -c "from vitkit.data import open_source; s = open_source(None, 'val'); import os; \
+		os.makedirs('$(DEMO)/images'); [s.load(i, 1).resize((64, 64)).save(f'$(DEMO)/images/digit_{i:03d}.png') \
+		for i in range(0, 179, 30)]"
+	$(BIN)/vitkit predict $(DEMO)/digits/model $(DEMO)/images --topk 3 --annotate $(DEMO)/annotated
+	@echo "plots: $(DEMO)/digits/curves.png $(DEMO)/digits/eval/confusion.png; annotated images: $(DEMO)/annotated"
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -29,8 +29,9 @@ def test_recipe_then_dotted_overrides(tmp_path):
 
 
 def test_ints_become_floats_and_lists_become_tuples():
-    cfg = load_config(None, {"optim.lr": 1, "augment.crop_scale": [0.5, 1]})
+    cfg = load_config(None, {"optim.lr": 1, "augment.crop_scale": [0.5, 1], "schedule.min_lr": "1e-5"})
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.schedule.min_lr == 1e-5  # YAML reads 1e-5 (no dot) as text
     assert cfg.augment.crop_scale == (0.5, 1.0)
 
 

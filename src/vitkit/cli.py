@@ -133,7 +133,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         require_matplotlib()  # before the evaluation, not after it
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(args.model, **parse_overrides(args.set))
-    source = open_source(args.data, args.split)
+    source = open_source(args.data, args.split, val_fraction=args.val_fraction, seed=args.split_seed)
     result = evaluate(
         model, source, batch_size=args.batch_size, workers=args.workers, device=device, precision=args.precision
     )
@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="checkpoint file or directory (any supported format)")
     p.add_argument("data", help="'digits', an image folder, CIFAR batches, an MNIST (IDX) folder or WebDataset tars")
     p.add_argument("--split", default="val", help="which split of the data (default: val)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held out of a tree without val/ (as in training)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of that split (as data.split_seed in training)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=0, help="decoding processes (0: decode in this process)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="fp16 needs a GPU")

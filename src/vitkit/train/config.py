@@ -26,7 +26,8 @@ class DataConfig:
     path: str | None = None  # None: the embedded handwritten digits
     train_split: str = "train"
     val_split: str = "val"  # CIFAR and IDX call it "test"; both names work
-    val_fraction: float = 0.1  # held out of a tree that has no val/ folder, by a seeded shuffle
+    val_fraction: float = 0.1  # held out of a tree that has no val/ folder, by a seeded class-stratified shuffle
+    split_seed: int = 0  # the seed of that split (`vitkit eval --split-seed` takes the same), apart from train.seed
     workers: int = 2  # decoding processes; 0 decodes in the training process
 
 
@@ -218,6 +219,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is Any or (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         return value
     raise ValueError(f"{where}={value!r}: expected {_name(hint)}")

@@ -77,7 +77,8 @@ def _train(
             f"train.batch_size={t.batch_size} must divide by world size x accum_steps = {proc.world} x {t.accum_steps}"
         )
     state = _prepare_run_dir(cfg, run_dir, resume, overwrite, proc)
-    train_src = open_source(cfg.data.path, cfg.data.train_split, val_fraction=cfg.data.val_fraction, seed=t.seed)
+    d = cfg.data
+    train_src = open_source(d.path, d.train_split, val_fraction=d.val_fraction, seed=d.split_seed)
     val_src = _val_source(cfg)
 
     torch.manual_seed(t.seed)  # the initial weights
@@ -257,7 +258,7 @@ def _evaluate(cfg, model, val_src, device, proc, step, spe, log) -> EvalResult |
 def _val_source(cfg: RunConfig):
     d = cfg.data
     try:
-        return open_source(d.path, d.val_split, val_fraction=d.val_fraction, seed=cfg.train.seed)
+        return open_source(d.path, d.val_split, val_fraction=d.val_fraction, seed=d.split_seed)
     except ValueError:
         if d.val_fraction == 0:  # a tree with no val split and nothing held out: train without evaluation
             return None
