@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from vitkit.cli import parse_overrides
 from vitkit.train import load_config, train
 
 
@@ -31,17 +32,14 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     args = p.parse_args()
 
-    overrides = {"data.path": args.data}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = json.loads(value) if value[:1] in "[{0123456789-" else value
-    cfg = load_config(args.recipe, overrides)
+    cfg = load_config(args.recipe, {"data.path": args.data, **parse_overrides(args.set)})
     out = args.out or f"runs/bench-{os.path.basename(args.recipe).removesuffix('.yaml')}"
     start = time.perf_counter()
     summary = train(cfg, out, overwrite=True, progress="bar")
     minutes = (time.perf_counter() - start) / 60
     top1 = summary["top1"]
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    machine = platform.processor() or platform.machine()
+    print(f"machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{args.recipe}: top-1 {top1:.2%} in {minutes:.1f} min (goal {args.goal:.2%} within {args.minutes:g} min)")
     if args.peer:
         print(f"published peer {args.peer:.2%}; vitkit / peer = {top1 / args.peer:.3f}")
