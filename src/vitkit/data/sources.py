@@ -10,23 +10,19 @@ Order is sorted and deterministic everywhere, so index i names the same image on
 from __future__ import annotations
 
 import abc
-import codecs
-import gzip
 import importlib.resources
 import json
 import os
-import pickle
 import posixpath
 import re
-import struct
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
 
+from vitkit.data.archives import read_cifar_pickle, read_idx
 from vitkit.data.images import UnreadableImage, decode
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -246,63 +242,7 @@ def expand_braces(pattern: str) -> list[str]:
     return [out for item in items for out in expand_braces(pattern[: m.start()] + item + pattern[m.end() :])]
 
 
-# ---- CIFAR python batches, read with an unpickler that can only rebuild numpy arrays ----
-
-
-def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
-    if encoding not in ("latin1", "latin-1"):
-        raise ValueError(f"refused _codecs.encode(..., {encoding!r})")
-    return codecs.encode(text, encoding)
-
-
-def _numpy_globals() -> dict[tuple[str, str], object]:
-    """What a pickled numpy array needs, found from numpy itself so both numpy.core and numpy._core work."""
-    allowed: dict[tuple[str, str], object] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): _latin1_encode,  # protocol-2 pickles write bytes as _codecs.encode(str, "latin1")
-        ("builtins", "bytearray"): bytearray,
-        ("__builtin__", "bytearray"): bytearray,
-    }
-    for core in ("numpy.core", "numpy._core"):
-        allowed[(f"{core}.multiarray", "_reconstruct")] = np.zeros(1).__reduce__()[0]
-        allowed[(f"{core}.multiarray", "scalar")] = np.float64(0).__reduce__()[0]
-        allowed[(f"{core}.numeric", "_frombuffer")] = np.zeros(1).__reduce_ex__(5)[0]
-    return allowed
-
-
-class _RefusedPickle(ValueError):
-    pass
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays, lists, dicts and strings, and refuses every other global: a pickle can run any
-    code it names, so a file posing as a CIFAR batch must not get to name any."""
-
-    def __init__(self, file: BinaryIO, where: str) -> None:
-        super().__init__(file, encoding="latin1")  # latin1: how numpy arrays pickled by Python 2 decode
-        self.where, self.allowed = where, _numpy_globals()
-
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) not in self.allowed:
-            raise _RefusedPickle(
-                f"{self.where}: refused to unpickle {module}.{name}; a CIFAR batch holds only numpy "
-                "arrays, lists and strings, so this file is not one (or has been tampered with)"
-            )
-        return self.allowed[(module, name)]
-
-
-def _unpickle(path: Path) -> dict[str, object]:
-    try:
-        with path.open("rb") as f:
-            obj = _CifarUnpickler(f, str(path)).load()
-    except _RefusedPickle:
-        raise
-    except Exception as e:
-        raise ValueError(f"{path}: not a CIFAR python batch ({type(e).__name__}: {e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict, found {type(obj).__name__}")
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+# ---- CIFAR python batches ----
 
 
 def _text(x: object) -> str:
@@ -322,7 +262,7 @@ def _cifar(root: Path, split: str) -> ArrayImages:
         files = [root / ("train" if split == "train" else "test")]
     if not meta.is_file():
         raise FileNotFoundError(f"{meta}: missing (it holds the class names)")
-    names = _unpickle(meta).get(names_key)
+    names = read_cifar_pickle(meta).get(names_key)
     if names is None:
         raise ValueError(f"{meta}: no {names_key!r} list of class names")
     classes = [_text(n) for n in names]
@@ -330,7 +270,7 @@ def _cifar(root: Path, split: str) -> ArrayImages:
     for f in files:
         if not f.is_file():
             raise FileNotFoundError(f"{f}: missing CIFAR batch")
-        batch = _unpickle(f)
+        batch = read_cifar_pickle(f)
         data, y = batch.get("data"), batch.get(labels_key)
         if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
             found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
@@ -347,27 +287,6 @@ def _cifar(root: Path, split: str) -> ArrayImages:
 
 
 # ---- MNIST / Fashion-MNIST IDX files ----
-
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (gzipped or raw): 0x00 0x00, a dtype code, ndim, ndim big-endian uint32 dims, the data."""
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read ({e})") from None
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path}: not an IDX file (starts with {raw[:4].hex(' ')}; expected 00 00 <type> <ndim>)")
-    dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"{path}: IDX header of {ndim} dims is cut short")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    if len(raw) != expected:
-        raise ValueError(f"{path}: {len(raw)} bytes, but its header ({dtype} {dims}) needs {expected}")
-    return np.frombuffer(raw, dtype, offset=header).reshape(dims)
 
 
 def _idx_file(root: Path, prefix: str, kind: str) -> Path:
