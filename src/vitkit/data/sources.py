@@ -56,14 +56,15 @@ class Source(abc.ABC):
 
     classes: list[str]
     name: str
+    _labels: np.ndarray  # int64 (N,), set by each subclass
 
-    @abc.abstractmethod
-    def __len__(self) -> int: ...
+    def __len__(self) -> int:
+        return len(self._labels)
 
     @property
-    @abc.abstractmethod
     def labels(self) -> np.ndarray:
         """All labels, int64 (N,), without decoding anything."""
+        return self._labels
 
     @abc.abstractmethod
     def load(self, i: int, channels: int = 3, draft: tuple[int, int] | None = None) -> Image.Image:
@@ -86,13 +87,6 @@ class ImageFiles(Source):
         if len(self.paths) != len(self._labels):
             raise ValueError(f"{name}: {len(self.paths)} paths but {len(self._labels)} labels")
         self.classes, self.name = list(classes), name
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self._labels
 
     def load(self, i: int, channels: int = 3, draft: tuple[int, int] | None = None) -> Image.Image:
         return decode(Path(self.paths[i]), self.paths[i], channels, draft)
@@ -127,13 +121,6 @@ class ArrayImages(Source):
         self.parts = list(parts) if parts is not None else [(name, len(self.array))]
         self._starts = np.cumsum([0] + [rows for _, rows in self.parts])
         assert self._starts[-1] == len(self.array), (self.parts, len(self.array))
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self._labels
 
     def load(self, i: int, channels: int = 3, draft: tuple[int, int] | None = None) -> Image.Image:
         mode = "L" if channels == 1 else "RGB"
@@ -173,13 +160,6 @@ class TarShards(Source):
             classes = _read_classes_txt(txt) if txt else [str(k) for k in range(int(self._labels.max()) + 1)]
         self.classes = list(classes)
         _check_labels(self._labels, self.classes, self.name)
-
-    def __len__(self) -> int:
-        return len(self._labels)
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self._labels
 
     def load(self, i: int, channels: int = 3, draft: tuple[int, int] | None = None) -> Image.Image:
         try:
