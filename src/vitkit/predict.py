@@ -1,4 +1,8 @@
-"""Top-k predictions for image files, folders and globs, with the model's own preprocessing; annotated copies."""
+"""Top-k predictions for image files, folders and globs, with the model's own preprocessing; annotated copies.
+
+`model` is a `VisionTransformer` or an exported graph on onnxruntime (`vitkit.onnx_model.OnnxModel`): both carry
+`cfg`, `preprocess` and `classes`, and map a batch of images to logits.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,16 @@ import glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import ImageDraw, ImageFont
 
+from .data.images import UnreadableImage, decode
 from .models import VisionTransformer
+
+if TYPE_CHECKING:
+    from .onnx_model import OnnxModel
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -40,7 +49,7 @@ def expand_images(items: list[str]) -> list[Path]:
     return paths
 
 
-def class_names(model: VisionTransformer, class_index: str | Path | None = None) -> list[str]:
+def class_names(model: VisionTransformer | OnnxModel, class_index: str | Path | None = None) -> list[str]:
     """Names for the model's outputs: an ImageNet-style class-index JSON ({"0": ["n01440764", "tench"]} or
     {"0": "tench"}) when given, else the names stored with the model, else class_0, class_1, ..."""
     n = model.cfg.num_classes
@@ -56,9 +65,13 @@ def class_names(model: VisionTransformer, class_index: str | Path | None = None)
 
 @torch.no_grad()
 def predict(
-    model: VisionTransformer, paths: list[Path], topk: int = 5, names: list[str] | None = None, batch_size: int = 32
+    model: VisionTransformer | OnnxModel,
+    paths: list[Path],
+    topk: int = 5,
+    names: list[str] | None = None,
+    batch_size: int = 32,
 ) -> list[Prediction]:
-    """Run `model` on each image; unreadable files get a Prediction with `error` set instead of stopping."""
+    """Run `model` on each image; an unreadable file gets a Prediction with `error` (why) instead of stopping."""
     if model.cfg.num_classes == 0:
         raise ValueError("the model has no classification head (num_classes=0); nothing to predict")
     names = names or class_names(model)
@@ -77,13 +90,13 @@ def predict(
         batch_paths.clear()
 
     model.eval()
+    channels = 1 if model.cfg.in_chans == 1 else 3
     for path in paths:
-        try:
-            with Image.open(path) as image:
-                batch.append(model.preprocess(image))
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+        try:  # any mode, EXIF rotation, bombs and broken files, exactly as training and evaluation read them
+            batch.append(model.preprocess(decode(Path(path), str(path), channels)))
+        except UnreadableImage as e:
             flush()  # keep results in input order
-            results.append(Prediction(str(path), [], [], error=f"{type(e).__name__}: {e}"))
+            results.append(Prediction(str(path), [], [], error=e.reason))
             continue
         batch_paths.append(path)
         if len(batch) == batch_size:
@@ -127,8 +140,7 @@ def annotate(image_path: str | Path, prediction: Prediction, out_path: str | Pat
     if not prediction.labels:
         raise ValueError(f"{image_path}: no prediction to draw ({prediction.error or 'no labels'})")
     out_path = Path(out_path)
-    with Image.open(image_path) as original:
-        image = ImageOps.exif_transpose(original).convert("RGB")
+    image = decode(Path(image_path), str(image_path))
     text = f"{prediction.labels[0]}  {prediction.probs[0]:.1%}"
     size = max(10, round(min(image.size) / 16))  # legible on thumbnails and on camera photos alike
     try:

@@ -100,16 +100,22 @@ def resize_crop(image: Image.Image, prep: Preprocess) -> Image.Image:
     mode = "L" if len(prep.mean) == 1 else "RGB"
     if image.mode != mode:
         image = image.convert(mode)
+    resized, box = crop_box(prep, image.size)
+    image = image.resize(resized, _PIL_FILTER[prep.interpolation])
+    return image if prep.resize == "squash" else image.crop(box)
+
+
+def crop_box(prep: Preprocess, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Where the model's input comes from in an image of `size` (width, height): the (width, height) the image
+    is resized to, and the box (left, top, right, bottom) of the resized image that is kept."""
     h, w = prep.img_size
-    resample = _PIL_FILTER[prep.interpolation]
     if prep.resize == "squash":
-        return image.resize((w, h), resample)
+        return (w, h), (0, 0, w, h)
     # Shorter side to size / crop_pct (the target aspect kept), then the centre crop of exactly (h, w).
-    scale = max(h / image.height, w / image.width) / prep.crop_pct
-    new_w, new_h = max(w, round(image.width * scale)), max(h, round(image.height * scale))
-    image = image.resize((new_w, new_h), resample)
+    scale = max(h / size[1], w / size[0]) / prep.crop_pct
+    new_w, new_h = max(w, round(size[0] * scale)), max(h, round(size[1] * scale))
     left, top = (new_w - w) // 2, (new_h - h) // 2
-    return image.crop((left, top, left + w, top + h))
+    return (new_w, new_h), (left, top, left + w, top + h)
 
 
 def normalize(image: Image.Image, prep: Preprocess) -> torch.Tensor:

@@ -65,3 +65,42 @@ def resample_pos_embed(
     grid_rows = F.interpolate(grid_rows, size=tuple(new_grid), mode=mode, align_corners=align, antialias=antialias)
     grid_rows = grid_rows.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(dtype)
     return torch.cat([prefix, grid_rows], dim=1)
+
+
+def resample_pos_embed_traced(
+    pos_embed: torch.Tensor,
+    new_grid: tuple,
+    old_grid: tuple[int, int],
+    num_prefix_tokens: int = 1,
+    mode: str = "bicubic",
+    antialias: bool = True,
+) -> torch.Tensor:
+    """`resample_pos_embed` for a grid known only when an exported graph runs (ONNX with dynamic height and
+    width), with the same numbers and no Python branch on `new_grid`.
+
+    The eager function decides in Python whether to resample at all and whether the grid shrinks (antialias);
+    a traced graph cannot, since `new_grid` holds traced sizes (SymInt under torch.export, 0-d tensors under
+    torch.jit.trace). So the plain interpolation always runs, which at an unchanged grid is the identity (bicubic
+    and bilinear weights at offset 0 are exactly 1 and 0), and with antialias the antialiased one runs too and
+    `torch.where` picks it when either side shrinks. Both act on the (1, D, H, W) table, not on images: cheap.
+
+    Args:
+        pos_embed: (1, prefix + H*W, D).
+        new_grid: (H', W'), ints or traced sizes.
+        old_grid: (H, W) of `pos_embed`.
+        num_prefix_tokens, mode, antialias: as `resample_pos_embed`.
+
+    Returns:
+        (1, prefix + H'*W', D) in the dtype of `pos_embed`.
+    """
+    prefix, grid_rows = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    dim = grid_rows.shape[-1]
+    grid_rows = grid_rows.float().reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)  # (1, D, H, W)
+    size = (new_grid[0], new_grid[1])
+    out = F.interpolate(grid_rows, size=size, mode=mode, align_corners=mode == "bilinear")
+    if antialias and mode == "bicubic":
+        smooth = F.interpolate(grid_rows, size=size, mode=mode, align_corners=False, antialias=True)
+        shrinks = (torch.scalar_tensor(size[0]) < old_grid[0]) | (torch.scalar_tensor(size[1]) < old_grid[1])
+        out = torch.where(shrinks, smooth, out)
+    out = out.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)  # (1, H'*W', D), row-major
+    return torch.cat([prefix, out], dim=1)

@@ -7,8 +7,6 @@ convolution (no pre-activation), bottleneck units, TF "SAME" padding. Module nam
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,7 +18,10 @@ def _same_pad(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> 
     """Pad as TF/Flax "SAME" does: output = ceil(input / stride), the odd pixel of padding on the bottom/right."""
     pads = []
     for size in (x.shape[-1], x.shape[-2]):  # F.pad wants the last dimension first
-        total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+        # (ceil(size / stride) - 1) * stride + kernel - size, written with the remainder: then a symbolic size (an
+        # ONNX export with dynamic height and width, where the size is a multiple of the stride) gives a constant.
+        rest = size % stride
+        total = max(kernel - (rest if rest else stride), 0)
         pads += [total // 2, total - total // 2]
     return F.pad(x, pads, value=value) if any(pads) else x
 

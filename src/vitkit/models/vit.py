@@ -14,7 +14,7 @@ from torch import nn
 
 from ..preprocess import Preprocess, source_preprocess
 from .config import ViTConfig
-from .posembed import resample_pos_embed, sincos_2d
+from .posembed import resample_pos_embed, resample_pos_embed_traced, sincos_2d
 from .resnet import ResNetStem
 
 
@@ -178,6 +178,8 @@ class VisionTransformer(nn.Module):
 
     # ---- embedding -------------------------------------------------------------------------------------------
     def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        if not all(isinstance(side, int) for side in grid):
+            return self._pos_embed_for_traced(grid)  # sizes of a graph being exported
         if grid == self.cfg.grid:
             return self.pos_embed
         if not self.cfg.dynamic_img_size:
@@ -191,6 +193,19 @@ class VisionTransformer(nn.Module):
             return torch.cat([prefix, sincos_2d(grid, self.cfg.width).to(prefix)], 1)
         cfg = self.cfg
         return resample_pos_embed(
+            self.pos_embed, grid, cfg.grid, cfg.num_prefix_tokens, cfg.pos_interp, cfg.pos_antialias
+        )
+
+    def _pos_embed_for_traced(self, grid: tuple) -> torch.Tensor:
+        """Position embeddings for a grid of traced sizes (an ONNX export with dynamic height and width): the same
+        numbers as the eager path, computed without Python branches on the sizes, which a trace would freeze."""
+        cfg = self.cfg
+        if not cfg.dynamic_img_size:
+            return self.pos_embed  # a fixed-size model: any other size fails in the graph, as it does here
+        if cfg.pos_embed == "sincos":
+            prefix = self.pos_embed[:, : cfg.num_prefix_tokens]
+            return torch.cat([prefix, sincos_2d(grid, cfg.width).to(prefix)], 1)
+        return resample_pos_embed_traced(
             self.pos_embed, grid, cfg.grid, cfg.num_prefix_tokens, cfg.pos_interp, cfg.pos_antialias
         )
 
