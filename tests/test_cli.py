@@ -37,7 +37,7 @@ def test_create_convert_predict(tmp_path, capsys):
     for r in results[:3]:
         assert len(r["labels"]) == 2 and set(r["labels"]) <= {"class_0", "class_1", "class_2"}
         assert 0 < r["probs"][1] <= r["probs"][0] < 1
-    assert results[3]["labels"] == [] and "UnidentifiedImageError" in results[3]["error"]
+    assert results[3]["labels"] == [] and "an HTML/XML page, not an image" in results[3]["error"]
 
 
 def test_convert_refuses_to_overwrite(tmp_path, capsys):

@@ -89,7 +89,8 @@ def test_write_report(tmp_path):
     confusion = np.array([[3, 1, 0], [0, 0, 0], [2, 0, 4]])
     result = EvalResult(0.7, 1.0, 0.5, 10, ["cat", "dog", "eel"], confusion, [0.75, None, 4 / 6], [("x.jpg", "bad")])
     paths = write_report(result, tmp_path / "report")
-    assert [p.name for p in paths] == ["metrics.json", "confusion.csv", "confusion.png"]
+    assert [p.name for p in paths] == ["metrics.json", "confusion.csv", "confusion.png", "skipped.tsv"]
+    assert (tmp_path / "report" / "skipped.tsv").read_text() == "x.jpg\tbad\n"
     metrics = json.loads(paths[0].read_text())
     assert metrics == {
         "top1": 0.7,

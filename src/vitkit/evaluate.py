@@ -187,16 +187,37 @@ def evaluate(
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, skipped)
         skipped = [s for part in gathered for s in part]
+    if int(meter.confusion.sum()) == 0 and skipped:
+        where, reason = skipped[0]
+        raise ValueError(f"{source.name}: not one of its {len(skipped)} images could be read (e.g. {where}: {reason})")
     return meter.result(classes, skipped)
 
 
+REPORT = ("metrics.json", "confusion.csv", "confusion.png", "skipped.tsv")
+
+
+def check_report_dir(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Refuse, before any work, a folder that already holds a report, unless `overwrite`.
+
+    Raises:
+        FileExistsError: naming the first file that would be replaced.
+    """
+    existing = [Path(out_dir) / name for name in REPORT if (Path(out_dir) / name).exists()]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise FileExistsError(f"{existing[0]}{more} exist; refusing to overwrite (pass --overwrite)")
+
+
 def write_report(result: EvalResult, out_dir: str | Path) -> list[Path]:
-    """Write metrics.json, confusion.csv (header: predicted class names; first column: true class) and
-    confusion.png into `out_dir` (created when missing). Returns the paths written."""
+    """Write metrics.json, confusion.csv (header: predicted class names; first column: true class),
+    confusion.png and, when images were skipped, skipped.tsv (where, tab, reason) into `out_dir` (created when
+    missing; existing report files are replaced, see `check_report_dir`). Returns the paths written."""
+    from .data import skipped_tsv
     from .plots import confusion_png
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "skipped.tsv").unlink(missing_ok=True)  # a replaced report keeps no stale list
     metrics = out_dir / "metrics.json"
     metrics.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     table = out_dir / "confusion.csv"
@@ -207,7 +228,11 @@ def write_report(result: EvalResult, out_dir: str | Path) -> list[Path]:
             w.writerow([name, *row])
     title = f"top-1 {result.top1:.2%} on {result.count} images"
     figure = confusion_png(result.confusion, result.classes, out_dir / "confusion.png", title=title)
-    return [metrics, table, figure]
+    written = [metrics, table, figure]
+    if result.skipped:
+        written.append(out_dir / "skipped.tsv")
+        written[-1].write_text(skipped_tsv(result.skipped))
+    return written
 
 
 def summary(result: EvalResult, max_rows: int = 30) -> str:

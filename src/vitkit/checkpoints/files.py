@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +34,8 @@ def read_torch(path: Path) -> dict[str, torch.Tensor]:
             f"{str(e).splitlines()[0]}). vitkit never unpickles arbitrary objects; re-save the state dict "
             "with torch.save(model.state_dict()) or as safetensors"
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f"{path}: not a readable PyTorch file, truncated or corrupt? ({e})") from e
+    except Exception as e:  # torch.load fails on damaged files with anything from EOFError to IndexError
+        raise ValueError(f"{path}: not a readable PyTorch file, truncated or corrupt? ({type(e).__name__}: {e})") from e
     return flatten_state_dict(obj, path)
 
 
@@ -60,17 +59,27 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(str(path), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-        raise ValueError(f"{path}: not a readable .npz file, truncated or corrupt? ({e})") from e
+    except Exception as e:  # zipfile fails on damaged files with anything from NotImplementedError to RuntimeError
+        raise ValueError(f"{path}: not a readable .npz file, truncated or corrupt? ({type(e).__name__}: {e})") from e
 
 
-def read_json(path: Path) -> dict[str, Any]:
+JSON_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
+JSON_NAMES[dict] = "an object"
+
+
+def read_json(path: Path, types: dict[str, tuple[type, ...]] | None = None) -> dict[str, Any]:
+    """A JSON object from a file; `types` gives the JSON types allowed for the keys the caller reads."""
     try:
         obj = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{path}: not a readable JSON file ({e})") from e
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    for key, kinds in (types or {}).items():
+        value = obj.get(key)
+        if key in obj and not (isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))):
+            names = " or ".join("null" if k is type(None) else JSON_NAMES.get(k, k.__name__) for k in kinds)
+            raise ValueError(f"{path}: {key}={value!r}; expected {names}")
     return obj
 
 

@@ -78,6 +78,36 @@ GELU = {
 }
 GELU_NAME = {"exact": "gelu", "tanh": "gelu_pytorch_tanh"}
 RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL codes, as image processors store them
+# The JSON types of the keys vitkit reads from config.json and preprocessor_config.json.
+NUMBER, SIZE = (int, float), (int, dict, type(None))
+CONFIG_TYPES = {
+    "model_type": (str,),
+    "hidden_size": (int,),
+    "num_hidden_layers": (int,),
+    "intermediate_size": (int,),
+    "num_channels": (int,),
+    "num_attention_heads": (int,),
+    "patch_size": (int, list),
+    "image_size": (int, list),
+    "qkv_bias": (bool,),
+    "hidden_act": (str,),
+    "pooler_act": (str,),
+    "layer_norm_eps": NUMBER,
+    "hidden_dropout_prob": NUMBER,
+    "attention_probs_dropout_prob": NUMBER,
+    "id2label": (dict, type(None)),
+}
+PREPROCESSOR_TYPES = {
+    "resample": (int,),
+    "do_rescale": (bool,),
+    "rescale_factor": NUMBER,
+    "do_normalize": (bool,),
+    "do_center_crop": (bool, type(None)),
+    "image_mean": (*NUMBER, list),
+    "image_std": (*NUMBER, list),
+    "size": SIZE,
+    "crop_size": SIZE,
+}
 
 
 # ---- reading -------------------------------------------------------------------------------------------------
@@ -207,7 +237,7 @@ def _read_config(path: Path) -> tuple[dict[str, Any], Path]:
     file = (path if path.is_dir() else path.parent) / CONFIG
     if not file.exists():
         return {}, file
-    config = read_json(file)
+    config = read_json(file, CONFIG_TYPES)
     if "model_type" not in config:
         log.info("%s: not a transformers config (no model_type); ignored", file)
         return {}, file
@@ -319,7 +349,7 @@ def _read_preprocess(path: Path) -> Preprocess | None:
     file = (path if path.is_dir() else path.parent) / PREPROCESSOR
     if not file.exists():
         return None
-    d = read_json(file)
+    d = read_json(file, PREPROCESSOR_TYPES)
 
     def bad(key: str, why: str) -> ValueError:
         return ValueError(f"{file}: {key}={d.get(key)!r}; {why}")
@@ -338,6 +368,9 @@ def _read_preprocess(path: Path) -> Preprocess | None:
     if not d.get("do_normalize", True):
         mean, std = [0.0] * len(mean), [1.0] * len(std)
     size, crop = (_size_dict(d.get(k)) for k in ("size", "crop_size"))
+    for key, sizes in (("size", size), ("crop_size", crop)):
+        if sizes is not None and not all(type(v) is int and v >= 1 for v in sizes.values()):
+            raise bad(key, "expected sizes in pixels (integers >= 1)")
     crop = crop if d.get("do_center_crop") else None
     if size is None:  # the processor's default
         size = {"height": 224, "width": 224}

@@ -31,10 +31,16 @@ def infer_config(
 
     proj = need("patch_embed.proj.weight")  # (D, C_in, p, p)
     out: dict[str, Any] = {"width": proj.shape[0], "patch_size": proj.shape[-1]}
-    depth = 1 + max((int(m[1]) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
-    if depth == 0:
+    blocks = {int(m[1]) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if not blocks:
         raise ValueError(f"{path}: no transformer blocks (keys `blocks.N.*`) found")
-    out["depth"] = depth
+    out["depth"] = max(blocks) + 1
+    if len(blocks) != out["depth"]:  # a damaged file, or a key name off by a digit: not a model of that depth
+        gaps = sorted(set(range(out["depth"])) - blocks)
+        raise ValueError(
+            f"{path}: blocks {gaps[:5]}{' ...' if len(gaps) > 5 else ''} are missing; the file has "
+            f"{len(blocks)} blocks numbered up to {max(blocks)}"
+        )
     out["mlp_dim"] = need("blocks.0.mlp.fc1.weight").shape[0]
     out["qkv_bias"] = "blocks.0.attn.qkv.bias" in sd
     out["class_token"] = "cls_token" in sd

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import zipfile
 from pathlib import Path
@@ -27,6 +26,18 @@ TENSOR_FORMATS = (hf, torchvision, mindspore, timm)
 # Fields a name given as `model=` must agree on with the file; the rest (classes, size, pooling...) come from
 # the file, or from an explicit override.
 ARCHITECTURE = ("width", "depth", "mlp_dim", "patch_size", "heads", "hybrid", "in_chans")
+# Fields read off tensor shapes alone (infer.py), which no record in a file can overrule.
+SHAPED = {"width", "depth", "mlp_dim", "patch_size", "in_chans", "hybrid", "stem_width", "class_token", "qkv_bias"}
+SHAPED |= {"num_classes", "representation_size"}
+# The tensor whose shape shows a field, named in the errors about it.
+SHOWN_BY = {
+    "width": "patch_embed.proj.weight",
+    "patch_size": "patch_embed.proj.weight",
+    "in_chans": "patch_embed.proj.weight",
+    "mlp_dim": "blocks.0.mlp.fc1.weight",
+    "num_classes": "head.weight",
+    "representation_size": "pre_logits.fc.weight",
+}
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -50,7 +61,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if suffix == ".safetensors":
         tensors, metadata = read_safetensors(path)
         if "vitkit" in metadata:  # vitkit's weight file alone: the record is in its header
-            return native.from_record(tensors, json.loads(metadata["vitkit"]), path)
+            return native.from_record(tensors, native.header_record(metadata["vitkit"], path), path)
     else:
         tensors = read_torch(path)
     keys = set(tensors)
@@ -67,6 +78,12 @@ def held_by(ckpt: Checkpoint, wanted_img_size: Any = None) -> dict[str, Any]:
     """The config fields the file fixes: read off the shapes, plus what the format stores beside them. A file
     that does not store its image size is taken at the wanted size when its grid fits, else as a square grid."""
     held = infer_config(ckpt.state_dict, ckpt.path, ckpt.determined.get("img_size"), wanted_img_size)
+    for key in SHAPED & ckpt.determined.keys():  # what a record says and the tensors show must agree
+        if key in held and _norm(held[key]) != _norm(ckpt.determined[key]):
+            raise ValueError(
+                f"{ckpt.path}: the file's record says {key}={ckpt.determined[key]!r}, but its tensors hold "
+                f"{key}={held[key]!r}{_shown(ckpt, key)}"
+            )
     held.update(ckpt.determined)
     return held
 
@@ -80,7 +97,8 @@ def resolve(
         for key in ARCHITECTURE:
             if key in held and _norm(held[key]) != _norm(fields[key]):
                 raise ValueError(
-                    f"{ckpt.path}: the file holds {key}={held[key]!r}, but model {model!r} has {key}={fields[key]!r}"
+                    f"{ckpt.path}: the file holds {key}={held[key]!r}{_shown(ckpt, key)}, but model {model!r} "
+                    f"has {key}={fields[key]!r}"
                 )
     fields.update(ckpt.defaults)
     fields.update(held)
@@ -99,12 +117,19 @@ def resolve(
         dropping_pre_logits = key == "representation_size" and value is None
         if key in held and key not in free and not dropping_pre_logits and _norm(value) != _norm(held[key]):
             raise ValueError(
-                f"{ckpt.path}: the file holds {key}={held[key]!r}; the override {key}={value!r} "
+                f"{ckpt.path}: the file holds {key}={held[key]!r}{_shown(ckpt, key)}; the override {key}={value!r} "
                 "cannot be applied to these weights"
             )
     fields.update(overrides)
     fields["name"] = fields.get("name") or ""
     return ViTConfig.from_dict(fields)
+
+
+def _shown(ckpt: Checkpoint, key: str) -> str:
+    name = SHOWN_BY.get(key)
+    if name is None or name not in ckpt.state_dict:
+        return ""
+    return f" (key {name!r} has shape {tuple(ckpt.state_dict[name].shape)})"
 
 
 def _norm(value: Any) -> Any:

@@ -43,20 +43,36 @@ def write(model: VisionTransformer, path: Path) -> None:
 
 def read(path: Path) -> Checkpoint:
     """A vitkit directory (its weight file alone is read by load.py through `from_record`)."""
-    return from_record(read_safetensors(path / WEIGHTS)[0], read_json(path / RECORD), path)
+    return from_record(read_safetensors(path / WEIGHTS)[0], read_json(path / RECORD), path, path / RECORD)
 
 
-def from_record(tensors: dict[str, torch.Tensor], record: dict, path: Path) -> Checkpoint:
+def header_record(text: str, path: Path) -> dict:
+    """The record stored in a weight file's safetensors header."""
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{path}: the 'vitkit' record in the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: the 'vitkit' record in the safetensors header is not a JSON object")
+    return record
+
+
+def from_record(tensors: dict[str, torch.Tensor], record: dict, path: Path, where: Path | None = None) -> Checkpoint:
+    """A Checkpoint of `path` from its tensors and record; errors name `where` the record was read (default: path)."""
+    where = where or path
     if record.get("format") != "vitkit" or record.get("version") != FORMAT_VERSION:
         raise ValueError(
-            f"{path}: not a vitkit v{FORMAT_VERSION} record (format={record.get('format')!r}, "
+            f"{where}: not a vitkit v{FORMAT_VERSION} record (format={record.get('format')!r}, "
             f"version={record.get('version')!r})"
         )
     try:
         cfg = ViTConfig.from_dict(record["config"])
         prep = Preprocess.from_dict(record["preprocess"])
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path}: vitkit record is incomplete or malformed ({e})") from e
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: vitkit record is incomplete or malformed ({e})") from e
+    classes = record.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise ValueError(f"{where}: vitkit record has classes={classes!r}; expected a list of names or null")
     fields = cfg.to_dict()
     fields["img_size"] = cfg.img_size
     fields["hybrid"] = cfg.hybrid
@@ -70,5 +86,5 @@ def from_record(tensors: dict[str, torch.Tensor], record: dict, path: Path) -> C
         determined=determined,
         defaults=fields,
         preprocess=prep,
-        classes=record.get("classes"),
+        classes=classes,
     )

@@ -1,6 +1,6 @@
 """Datasets: image sources for every layout vitkit reads, robust decoding, and deterministic batches."""
 
-from vitkit.data.images import UnreadableImage, decode
+from vitkit.data.images import UnreadableImage, decode, read_skipped_tsv, skipped_tsv
 from vitkit.data.loader import Batch, batches, epoch_order, steps_per_epoch
 from vitkit.data.sources import ArrayImages, ImageFiles, Source, TarShards, open_source
 
@@ -15,5 +15,7 @@ __all__ = [
     "decode",
     "epoch_order",
     "open_source",
+    "read_skipped_tsv",
+    "skipped_tsv",
     "steps_per_epoch",
 ]

@@ -7,6 +7,7 @@ import codecs
 import gzip
 import pickle
 import struct
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -77,7 +78,7 @@ def read_idx(path: Path) -> np.ndarray:
     """An IDX file (gzipped or raw): 0x00 0x00, a dtype code, ndim, ndim big-endian uint32 dims, the data."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # a corrupt .gz raises zlib.error from inside gzip
         raise ValueError(f"{path}: cannot read ({e})") from None
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path}: not an IDX file (starts with {raw[:4].hex(' ')}; expected 00 00 <type> <ndim>)")

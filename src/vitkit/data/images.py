@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,23 @@ class UnreadableImage(ValueError):
 
     def __reduce__(self):  # picklable across loader worker processes despite the two-argument constructor
         return type(self), (self.where, self.reason)
+
+
+def skipped_tsv(skipped: Iterable[tuple[str, str]]) -> str:
+    """The text of a skipped.tsv: one `where<TAB>reason` line per unreadable image, sorted (tabs and line breaks
+    inside either become spaces)."""
+    clean = sorted({(_one_line(w), _one_line(r)) for w, r in skipped})
+    return "".join(f"{w}\t{r}\n" for w, r in clean)
+
+
+def read_skipped_tsv(path: str | Path) -> dict[str, str]:
+    """A skipped.tsv as {where: reason}."""
+    lines = (line.partition("\t") for line in Path(path).read_text().splitlines())
+    return {where: reason for where, _, reason in lines if where}
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\t", " ").replace("\r", " ").replace("\n", " ")
 
 
 def decode(

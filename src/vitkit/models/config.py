@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -11,6 +13,29 @@ Gelu = Literal["exact", "tanh"]
 PosEmbed = Literal["learn", "sincos"]
 Interp = Literal["bicubic", "bilinear"]
 StemNumerics = Literal["official", "timm"]
+
+
+# Field -> the least value it may take (checked with the types in ViTConfig.__post_init__).
+_INTS = {
+    "patch_size": 1,
+    "in_chans": 1,
+    "num_classes": 0,
+    "width": 1,
+    "depth": 1,
+    "heads": 1,
+    "mlp_dim": 1,
+    "representation_size": 1,
+    "stem_width": 1,
+}
+# A sanity bound that keeps a damaged or hostile file from making vitkit allocate without end: a 16,384-pixel
+# square at patch 16 is 2^20 tokens, whose attention matrix alone would need 4 TB per head.
+MAX_TOKENS = 2**20
+_RATES = ("dropout", "attn_dropout", "drop_path")
+_BOOLS = ("class_token", "fc_norm", "qkv_bias", "dynamic_img_size", "pos_antialias")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def stem_stride(hybrid: tuple[int, ...] | None) -> int:
@@ -77,11 +102,35 @@ class ViTConfig:
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.img_size, int):
-            self.img_size = (self.img_size, self.img_size)
-        self.img_size = tuple(int(s) for s in self.img_size)
+        # Values arrive from YAML, JSON, --set and tensor shapes: check their types here, so that a wrong one is
+        # refused by name instead of failing later inside a layer.
+        size = self.img_size
+        if _is_int(size):
+            size = (size, size)
+        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(s) for s in size)):
+            raise ValueError(f"ViTConfig.img_size={self.img_size!r}; expected an integer or [height, width]")
+        self.img_size = (int(size[0]), int(size[1]))
         if self.hybrid is not None:
+            if not (isinstance(self.hybrid, (list, tuple)) and all(_is_int(d) and d >= 1 for d in self.hybrid)):
+                raise ValueError(f"ViTConfig.hybrid={self.hybrid!r}; expected a list of stage depths >= 1, or null")
             self.hybrid = tuple(int(d) for d in self.hybrid)
+        for name, least in _INTS.items():
+            value = getattr(self, name)
+            if name == "representation_size" and value is None:
+                continue
+            if not _is_int(value) or value < least:
+                raise ValueError(f"ViTConfig.{name}={value!r}; expected an integer >= {least}")
+            setattr(self, name, int(value))
+        for name in _RATES:
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value <= 1):
+                raise ValueError(f"ViTConfig.{name}={value!r}; expected a rate in [0, 1]")
+        for name in _BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ViTConfig.{name}={getattr(self, name)!r}; expected true or false")
+        eps = self.norm_eps
+        if not (isinstance(eps, numbers.Real) and not isinstance(eps, bool) and 0 < eps < math.inf):
+            raise ValueError(f"ViTConfig.norm_eps={eps!r}; expected a finite number > 0")
         self.validate()
 
     @property
@@ -127,6 +176,11 @@ class ViTConfig:
             raise ValueError("ViTConfig.pool='token' needs class_token=True")
         if self.pos_embed == "sincos" and self.width % 4:
             raise ValueError(f"ViTConfig.pos_embed='sincos' needs width divisible by 4, got {self.width}")
+        if self.grid[0] * self.grid[1] > MAX_TOKENS:
+            raise ValueError(
+                f"ViTConfig.img_size={self.img_size} makes a {self.grid[0]}x{self.grid[1]} grid of tokens; at most "
+                f"{MAX_TOKENS:,} are supported"
+            )
         for side in self.img_size:
             if side % self.stride:
                 raise ValueError(

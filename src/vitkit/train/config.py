@@ -8,6 +8,7 @@ written into every run directory and is what a resumed run reads back.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ..models import resolve_config
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 
@@ -88,6 +91,7 @@ class TrainConfig:
     eval_every: float = 1.0  # epochs between evaluations (and best-checkpoint updates); 0: only at the end
     save_every: int = 0  # optimizer steps between `last` checkpoints; 0: at each evaluation
     log_every: int = 10  # optimizer steps between metric lines
+    skip_nonfinite: int = 0  # steps with a NaN/inf loss skipped (no update, a warning) before the run stops
 
 
 @dataclass
@@ -130,6 +134,44 @@ class RunConfig:
             raise ValueError(f"augment.crop_scale={a.crop_scale}; expected 0 < min <= max <= 1")
         if not 0 <= self.data.val_fraction < 1:
             raise ValueError(f"data.val_fraction={self.data.val_fraction}; expected a fraction in [0, 1)")
+        for section, values in self.to_dict().items():
+            for name, value in values.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"{section}.{name}={value}; expected a finite number")
+        s = self.schedule
+        at_least = {  # field: (value, least allowed, whether the least is allowed)
+            "optim.lr": (o.lr, 0, False),
+            "optim.weight_decay": (o.weight_decay, 0, True),
+            "optim.clip_grad": (o.clip_grad, 0, False),
+            "optim.layer_decay": (o.layer_decay, 0, False),
+            "schedule.warmup_steps": (s.warmup_steps, 0, True),
+            "schedule.warmup_epochs": (s.warmup_epochs, 0, True),
+            "schedule.min_lr": (s.min_lr, 0, True),
+            "train.eval_every": (t.eval_every, 0, True),
+            "train.save_every": (t.save_every, 0, True),
+            "train.log_every": (t.log_every, 1, True),
+            "train.skip_nonfinite": (t.skip_nonfinite, 0, True),
+            "data.workers": (self.data.workers, 0, True),
+        }
+        for name, (value, least, inclusive) in at_least.items():
+            if value is not None and (value < least or (value == least and not inclusive)):
+                raise ValueError(f"{name}={value}; expected {'>=' if inclusive else '>'} {least}")
+        self._validate_model()
+
+    def _validate_model(self) -> None:
+        """Build the model's config (no weights) so that a bad name, override or size is refused now."""
+        m = self.model
+        if m.init is not None:
+            if not Path(m.init).exists():
+                raise FileNotFoundError(f"model.init={m.init!r}: no such checkpoint file or directory")
+            return  # the file settles the architecture; load_pretrained checks the overrides against it
+        overrides = dict(m.overrides)
+        if m.img_size is not None:
+            overrides["img_size"] = m.img_size
+        try:
+            resolve_config(m.name, **overrides)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"model (name={m.name!r}, overrides={overrides}): {e}") from None
 
 
 def list_recipes() -> list[str]:
@@ -152,7 +194,10 @@ def load_config(recipe: str | Path | None = None, overrides: dict[str, Any] | No
     d = RunConfig().to_dict()
     if recipe is not None:
         path = recipe_path(recipe)
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a readable YAML recipe ({e})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a recipe is a mapping of sections (data, augment, model, ...)")
         _merge(d, loaded, str(path))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import math
 import shutil
 import time
@@ -32,9 +33,12 @@ from .ema import ModelEma
 from .metrics import MetricsLog, read_metrics
 from .optim import build_optimizer, freeze, lr_at, set_lr, warmup_steps
 from .signals import StopSignal
+from .skipped import SkippedImages
 from .state import load_state, save_state, write_atomic
 
-CONFIG, LAST = "config.yaml", Path("checkpoints") / "last.pt"
+CONFIG, LAST, SKIPPED = "config.yaml", Path("checkpoints") / "last.pt", "skipped.tsv"
+
+logger = logging.getLogger("vitkit")
 
 
 def train(
@@ -43,7 +47,15 @@ def train(
     """Train (or fine-tune) as `cfg` says, writing everything into `run_dir`; returns the final metrics.
 
     Under `torchrun` every rank calls this; rank 0 alone writes. `resume=True` continues the run in `run_dir`
-    from its last checkpoint; an existing run directory is otherwise refused unless `overwrite=True`.
+    from its last checkpoint (a run that stopped before its first checkpoint starts over); an existing run
+    directory is otherwise refused unless `overwrite=True`.
+
+    Raises:
+        ValueError: a bad config or dataset, found before the run directory is touched; or data that cannot be
+            read (the first 64 images tried, or every image of a class in an epoch; see `skipped.py`).
+        FileExistsError: `run_dir` holds something and neither `resume` nor `overwrite` is given.
+        FloatingPointError: a NaN or infinite loss, after `train.skip_nonfinite` such steps were skipped; the last
+            checkpoint written before it is intact.
     """
     run_dir = Path(run_dir)
     cfg.validate()
@@ -59,7 +71,11 @@ def run_config(run_dir: str | Path) -> RunConfig:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no run to resume here (the run directory has no {CONFIG})")
-    return RunConfig.from_dict(yaml.safe_load(path.read_text()), str(path))
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not readable YAML ({e})") from None
+    return RunConfig.from_dict(d, str(path))
 
 
 def _train(
@@ -76,100 +92,102 @@ def _train(
         raise ValueError(
             f"train.batch_size={t.batch_size} must divide by world size x accum_steps = {proc.world} x {t.accum_steps}"
         )
-    state = _prepare_run_dir(cfg, run_dir, resume, overwrite, proc)
+    # Everything that can refuse the data or the config runs before the run directory is touched.
     d = cfg.data
     train_src = open_source(d.path, d.train_split, val_fraction=d.val_fraction, seed=d.split_seed)
     val_src = _val_source(cfg)
-
+    spe = steps_per_epoch(len(train_src), t.batch_size, drop_last=True)
+    if spe == 0:
+        raise ValueError(
+            f"{train_src.name}: {len(train_src)} training images, fewer than train.batch_size={t.batch_size}"
+        )
     torch.manual_seed(t.seed)  # the initial weights
     model = build_model(cfg, train_src.classes).to(device)
     freeze(model, o.freeze)
     optimizer = build_optimizer(model, o)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     ema = ModelEma(model, t.ema_decay) if t.ema_decay else None
-    step, best = 0, -1.0
+    prep = model.preprocess
+    augment = DeviceAugment(cfg.augment, prep.mean, prep.std, model.cfg.num_classes)
+
+    state = _prepare_run_dir(cfg, run_dir, resume, overwrite, proc)
+    step, best, nonfinite = 0, -1.0, 0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
-        step, best = state["step"], state["best_top1"]
+        step, best, nonfinite = state["step"], state["best_top1"], state.get("nonfinite_skipped", 0)
     net = model
     if proc.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    spe = steps_per_epoch(len(train_src), t.batch_size, drop_last=True)
-    if spe == 0:
-        raise ValueError(
-            f"{train_src.name}: {len(train_src)} training images, fewer than train.batch_size={t.batch_size}"
-        )
     total = t.steps or math.ceil(t.epochs * spe)
     warmup = warmup_steps(cfg.schedule, spe)
     eval_interval = max(1, round(t.eval_every * spe)) if t.eval_every > 0 else total
     save_interval = t.save_every or eval_interval
-    prep = model.preprocess
-    augment = DeviceAugment(cfg.augment, prep.mean, prep.std, model.cfg.num_classes)
     amp = autocast(device, t.precision)
     log = MetricsLog(run_dir, total, step, progress if proc.main else "none")
-    skipped: dict[str, str] = {}
+    skipped = SkippedImages(run_dir / SKIPPED, train_src, t.batch_size, t.seed, step, spe)
     interval = {"loss": 0.0, "steps": 0, "images": 0, "wait": 0.0, "start": time.perf_counter()}
 
     model.train()
     last_eval, interrupted, tick = None, False, time.perf_counter()
     with StopSignal() as stop:
-        for batch in _stream(train_src, cfg, model, proc, spe, step):
+        for batch in itertools.islice(_stream(train_src, cfg, model, proc, spe, step), total - step):
             interval["wait"] += time.perf_counter() - tick
-            skipped.update(batch.skipped)
+            skipped.train_batch(batch, proc.main)
             lr = lr_at(step, total, warmup, o.lr, cfg.schedule)
             set_lr(optimizer, lr)
             seed = step_seed(t.seed, step, proc.rank)
             torch.manual_seed(seed)  # dropout and stochastic depth
             generator = torch.Generator(device).manual_seed(seed)
             x, targets = augment(batch.images.to(device), batch.labels.to(device), generator)
-            loss = _accumulate(net, x, targets, t.accum_steps, amp, scaler, proc.world > 1)
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"step {step}: the training loss is {loss}; stopped. The last good checkpoint is {run_dir / LAST} "
-                    "(lower optim.lr, add optim.clip_grad, or use train.precision=fp32)"
-                )
-            if o.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
+            loss, images = _accumulate(net, x, targets, t.accum_steps, amp, scaler, proc.world)
+            if images and math.isfinite(loss):
+                _optimizer_step(model, optimizer, scaler, o.clip_grad, ema)
+                interval["loss"] += loss
+                interval["steps"] += 1
+            else:
+                nonfinite += _skip_update(step, loss, images, nonfinite, t.skip_nonfinite, run_dir / LAST)
             optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model)
             step += 1
             log.step()
-            interval["loss"] += loss
-            interval["steps"] += 1
-            interval["images"] += len(x) * proc.world
+            interval["images"] += images
 
+            if step % spe == 0:
+                skipped.end_epoch(step, proc.main)
             if step % t.log_every == 0 or step == total:
                 log.write(_train_record(step, spe, lr, interval))
             if step % eval_interval == 0 or step == total:
                 last_eval = _evaluate(cfg, ema.module if ema else model, val_src, device, proc, step, spe, log)
                 model.train()
+                if last_eval is not None:
+                    skipped.record(last_eval.skipped)
                 if proc.main and last_eval is not None and last_eval.top1 > best:
                     best = last_eval.top1
                     _save_model(ema.module if ema else model, run_dir / "best")
             interrupted = stop.requested()
-            if (step % save_interval == 0 or step == total or interrupted) and proc.main:
-                state = {
-                    "step": step, "best_top1": best, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "ema": ema.module.state_dict() if ema else None, "config": cfg.to_dict(),
-                }  # fmt: skip
-                save_state(run_dir / LAST, state)
-                _write_skipped(run_dir, skipped)
-            if step >= total or interrupted:
+            if step % save_interval == 0 or step == total or interrupted:
+                skipped.write(proc.main)  # before the checkpoint: a crash between the two loses no skip
+                if proc.main:
+                    state = {
+                        "step": step, "best_top1": best, "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                        "ema": ema.module.state_dict() if ema else None, "config": cfg.to_dict(),
+                        "nonfinite_skipped": nonfinite,
+                    }  # fmt: skip
+                    save_state(run_dir / LAST, state)
+            if interrupted:
                 break
             tick = time.perf_counter()
     log.close()
+    if last_eval is None and step >= total and val_src is not None:
+        # Resumed after its last step (stopped while writing the final model): the report is all that is left.
+        last_eval = _evaluate(cfg, ema.module if ema else model, val_src, device, proc, step, spe, None)
     summary = {"step": step, "total_steps": total, "best_top1": best, "skipped": len(skipped)}
     if interrupted:
         log.message(f"stopped by a signal at step {step}; continue with: vitkit train --resume --out {run_dir}")
@@ -216,26 +234,79 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
-def _accumulate(net, x, targets, accum_steps, amp, scaler, distributed_: bool) -> float:
-    """Forward and backward over `accum_steps` micro-batches; the gradient is that of the whole batch's mean loss."""
+def _accumulate(net, x, targets, accum_steps: int, amp, scaler, world: int) -> tuple[float, int]:
+    """Forward and backward over `accum_steps` micro-batches; the gradient is that of the whole batch's mean loss.
+
+    Returns (the loss, the step's images), both over all ranks, so that every rank decides alike whether to take
+    the step. With no readable image on any rank nothing runs.
+    """
+    images = len(x)
+    if world > 1:
+        images = int(_all_sum(torch.tensor(float(len(x)), device=x.device)).item())
+    if images == 0:
+        return math.nan, 0
     total = torch.zeros((), device=x.device)
-    chunks = list(zip(x.chunk(accum_steps), targets.chunk(accum_steps), strict=True))
+    # tensor_split, unlike chunk, always gives accum_steps parts (some empty when images were skipped), so every
+    # rank runs as many backward passes and DDP's all-reduce lands on the same one.
+    chunks = list(zip(x.tensor_split(accum_steps), targets.tensor_split(accum_steps), strict=True))
     for i, (xi, ti) in enumerate(chunks):
         last = i == len(chunks) - 1
-        sync = net.no_sync() if distributed_ and not last else contextlib.nullcontext()  # one all-reduce per step
+        sync = net.no_sync() if world > 1 and not last else contextlib.nullcontext()  # one all-reduce per step
         with sync:
             with amp:
-                loss = soft_cross_entropy(net(xi), ti) * (len(xi) / len(x))
+                logits = net(xi)
+                # An empty part still runs, with a zero loss: DDP expects every rank's backward pass.
+                loss = soft_cross_entropy(logits, ti) * (len(xi) / len(x)) if len(xi) else logits.sum() * 0.0
             scaler.scale(loss).backward()
         total += loss.detach()
-    return total.item()
+    if world > 1:
+        total = _all_sum(total) / world  # DDP averages the ranks' gradients alike
+    return total.item(), images
+
+
+def _optimizer_step(model, optimizer, scaler, clip_grad: float | None, ema: ModelEma | None) -> None:
+    if clip_grad:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    if ema is not None:
+        ema.update(model)
+
+
+def _skip_update(step: int, loss: float, images: int, nonfinite: int, allowed: int, last: Path) -> int:
+    """Warn about a step left without update; 1 if it counts against train.skip_nonfinite, else 0.
+
+    Raises:
+        FloatingPointError: the loss is NaN or infinite and `allowed` such steps were skipped already.
+    """
+    if images == 0:
+        logger.warning("step %d: not one image of the batch could be read; no update", step)
+        return 0
+    if nonfinite >= allowed:
+        raise FloatingPointError(
+            f"step {step}: the training loss is {loss}; stopped after {nonfinite} skipped step(s) "
+            f"(train.skip_nonfinite={allowed}). The last good checkpoint is {last} "
+            "(lower optim.lr, add optim.clip_grad, or use train.precision=fp32)"
+        )
+    logger.warning(
+        "step %d: the training loss is %s; skipped the update (%d of train.skip_nonfinite=%d)",
+        step, loss, nonfinite + 1, allowed,
+    )  # fmt: skip
+    return 1
+
+
+def _all_sum(t: torch.Tensor) -> torch.Tensor:
+    torch.distributed.all_reduce(t)
+    return t
 
 
 def _train_record(step: int, spe: int, lr: float, interval: dict) -> dict[str, Any]:
     now = time.perf_counter()
     elapsed = now - interval["start"]
     record = {
-        "kind": "train", "step": step, "epoch": step / spe, "loss": interval["loss"] / interval["steps"], "lr": lr,
+        "kind": "train", "step": step, "epoch": step / spe, "lr": lr,
+        "loss": interval["loss"] / interval["steps"] if interval["steps"] else math.nan,  # NaN: every update skipped
         "images_per_s": interval["images"] / elapsed, "data_wait": interval["wait"] / elapsed,
     }  # fmt: skip
     interval.update(loss=0.0, steps=0, images=0, wait=0.0, start=now)
@@ -250,8 +321,9 @@ def _evaluate(cfg, model, val_src, device, proc, step, spe, log) -> EvalResult |
         model, val_src, batch_size=t.batch_size, workers=cfg.data.workers, device=device, precision=t.precision,
         rank=proc.rank, world=proc.world,
     )  # fmt: skip
-    record = {"kind": "eval", "step": step, "epoch": step / spe, "loss": res.loss, "top1": res.top1, "top5": res.top5}
-    log.write(record)
+    if log is not None:
+        record = {"kind": "eval", "step": step, "epoch": step / spe, "loss": res.loss, "top1": res.top1}
+        log.write({**record, "top5": res.top5})
     return res
 
 
@@ -270,9 +342,14 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: boo
 
     Every rank checks before rank 0 changes anything, so all ranks see the same directory and fail alike.
     """
-    if resume:
-        if not (run_dir / LAST).is_file():
+    if resume and not (run_dir / LAST).is_file():
+        if not (run_dir / CONFIG).is_file():
             raise FileNotFoundError(f"{run_dir / LAST}: no checkpoint to resume from")
+        if run_config(run_dir) != cfg:
+            raise ValueError(f"{run_dir}: the config differs from the one the run was started with; resume with it")
+        logger.warning("%s: the run stopped before its first checkpoint; starting it over", run_dir)
+        resume, overwrite = False, True
+    if resume:
         state = load_state(run_dir / LAST)
         stored = RunConfig.from_dict(state["config"], str(run_dir / LAST))
         if stored != cfg:
@@ -287,6 +364,8 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: boo
             raise FileExistsError(f"{run_dir}: not a vitkit run directory (no {CONFIG}); refusing to delete it")
     distributed.barrier()
     if proc.main and resume:  # metrics written after the checkpoint are written again by the resumed run
+        for leftover in [*run_dir.glob(".*.tmp-*"), *(run_dir / LAST).parent.glob(".*.tmp-*")]:
+            leftover.unlink()  # the temporary file of a write that a crash cut short (see state.write_atomic)
         metrics = run_dir / "metrics.jsonl"
         if metrics.is_file():
             kept = [r for r in read_metrics(metrics) if r["step"] <= state["step"]]
@@ -294,7 +373,7 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: boo
     elif proc.main:
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
-        (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_atomic(run_dir / CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     distributed.barrier()
     return state if resume else None
 
@@ -309,11 +388,6 @@ def _save_model(model: VisionTransformer, path: Path) -> None:
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_skipped(run_dir: Path, skipped: dict[str, str]) -> None:
-    if skipped:
-        write_atomic(run_dir / "skipped.tsv", "".join(f"{w}\t{r}\n" for w, r in sorted(skipped.items())).encode())
 
 
 def _finish_plots(run_dir: Path, last_eval) -> None:

@@ -35,8 +35,17 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     write_atomic(path, buf.getvalue())
 
 
+REQUIRED = ("step", "best_top1", "model", "optimizer", "scaler", "config")
+
+
 def load_state(path: Path) -> dict[str, Any]:
+    """A training state written by `save_state`; ValueError naming the file for anything else."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which, never unpickle arbitrary objects
         raise ValueError(f"{path}: not a readable vitkit training state ({type(e).__name__}: {e})") from e
+    missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
+    if missing:
+        found = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: not a vitkit training state; missing {missing} (found {found})")
+    return state
