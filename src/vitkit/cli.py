@@ -233,8 +233,8 @@ def _parse_layers(spec: str | None, depth: int) -> list[int]:
 
 def cmd_analyze_attention(args: argparse.Namespace) -> None:
     from .analysis import attention_maps, load_images
-    from .analysis.attention import layer_indices
     from .analysis.figures import heads_figure, rollout_figure
+    from .models.vit import layer_indices
     from .predict import expand_images
 
     if not 0.0 <= args.discard < 1.0:

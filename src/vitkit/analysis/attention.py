@@ -7,7 +7,7 @@ time: a ViT-L/16 at 384 px (T = 577, 16 heads) needs about 21 MB per image for i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import torch
 
 from ..data.images import decode
 from ..models import VisionTransformer
+from ..models.vit import layer_indices
 from ..preprocess import normalize, resize_crop
 from .rollout import Fusion, rollout_step, token_map
 
@@ -42,17 +43,6 @@ def iter_attention(model: VisionTransformer, images: torch.Tensor) -> Iterator[t
     for i, block in enumerate(model.blocks):
         x, attn = block(x, need_weights=True)
         yield i, attn
-
-
-def layer_indices(layers: Iterable[int], depth: int) -> list[int]:
-    """Layer numbers (negative ones count from the end) -> sorted distinct indices in [0, depth)."""
-    out = set()
-    for i in layers:
-        j = i + depth if i < 0 else i
-        if not 0 <= j < depth:
-            raise ValueError(f"layer {i} is out of range for a model with {depth} blocks")
-        out.add(j)
-    return sorted(out)
 
 
 @dataclass

@@ -257,8 +257,8 @@ class VisionTransformer(nn.Module):
             {"features": (B, T, D) as forward_features, "logits": forward_head of it,
              "hidden": {block: (B, T, D)}, "attn": {block: (B, heads, T, T)}}.
         """
-        keep_hidden = self._layer_indices(layers)
-        keep_attn = self._layer_indices(attn_layers)
+        keep_hidden = set(layer_indices(layers, len(self.blocks)))
+        keep_attn = set(layer_indices(attn_layers, len(self.blocks)))
         hidden, attn = {}, {}
         x = self.embed(x)
         for i, block in enumerate(self.blocks):
@@ -270,16 +270,17 @@ class VisionTransformer(nn.Module):
         features = self.norm(x)
         return {"features": features, "logits": self.forward_head(features), "hidden": hidden, "attn": attn}
 
-    def _layer_indices(self, layers: int | Iterable[int] | None) -> set[int]:
-        depth = len(self.blocks)
-        if layers is None:
-            return set(range(depth))
-        if isinstance(layers, int):
-            return set(range(depth - layers, depth))
-        out = set()
-        for i in layers:
-            j = i + depth if i < 0 else i
-            if not 0 <= j < depth:
-                raise ValueError(f"layer index {i} is out of range for a model with {depth} blocks")
-            out.add(j)
-        return out
+
+def layer_indices(layers: int | Iterable[int] | None, depth: int) -> list[int]:
+    """Blocks to act on, sorted: None for all, an int n for the last n, or indices (negative count from the end)."""
+    if layers is None:
+        return list(range(depth))
+    if isinstance(layers, int):
+        return list(range(max(depth - layers, 0), depth))
+    out = set()
+    for i in layers:
+        j = i + depth if i < 0 else i
+        if not 0 <= j < depth:
+            raise ValueError(f"layer {i} is out of range for a model with {depth} blocks")
+        out.add(j)
+    return sorted(out)
