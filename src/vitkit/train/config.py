@@ -56,6 +56,7 @@ class ModelConfig:
     init: str | None = None  # a checkpoint of any format to start from
     img_size: int | tuple[int, int] | None = None  # None: the variant's or the checkpoint's
     overrides: dict[str, Any] = field(default_factory=dict)  # ViTConfig fields, e.g. {patch_size: 4, drop_path: 0.1}
+    grad_checkpointing: bool = False  # recompute block activations in backward: less memory, about 1/3 more time
 
 
 @dataclass

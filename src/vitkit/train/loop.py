@@ -221,6 +221,7 @@ def build_model(cfg: RunConfig, classes: list[str]) -> VisionTransformer:
     overrides["num_classes"] = len(classes)
     model = load_pretrained(m.init, **overrides) if m.init else create_model(m.name, **overrides)
     model.classes = list(classes)
+    model.set_grad_checkpointing(m.grad_checkpointing)
     return model
 
 
