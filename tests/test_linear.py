@@ -99,3 +99,17 @@ def test_grad_checkpointing_same_gradients_less_memory():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # Outside the blocks, only each block's input is kept; the blocks' internals are recomputed in backward.
     assert ckpt_bytes < plain_bytes / 4, (ckpt_bytes, plain_bytes)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_fused_gelu_matches_two_passes(approximate):
+    torch.manual_seed(0)
+    layer, x = Linear(32, 64), torch.randn(2, 9, 32)
+    with torch.inference_mode():
+        fused = layer.forward_gelu(x, approximate)
+        with reference_kernels():
+            ref = F.gelu(F.linear(x, layer.weight, layer.bias), approximate=approximate)
+    assert ref.abs().max() > 0.5
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+    with reference_kernels(), torch.inference_mode():  # the reference path is bit-exact with the two passes
+        assert torch.equal(layer.forward_gelu(x, approximate), ref)

@@ -75,12 +75,12 @@ class Mlp(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.fc1 = Linear(cfg.width, cfg.mlp_dim)
-        self.act = nn.GELU(approximate="tanh" if cfg.gelu == "tanh" else "none")
+        self.gelu = "tanh" if cfg.gelu == "tanh" else "none"  # the approximation the weights were trained with
         self.fc2 = Linear(cfg.mlp_dim, cfg.width)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return self.drop(self.fc2(self.drop(self.fc1.forward_gelu(x, self.gelu))))
 
 
 class DropPath(nn.Module):
