@@ -132,7 +132,7 @@ def _train(
     amp = autocast(device, t.precision)
     log = MetricsLog(run_dir, total, step, progress if proc.main else "none")
     skipped = SkippedImages(run_dir / SKIPPED, train_src, t.batch_size, t.seed, step, spe)
-    interval = {"loss": 0.0, "steps": 0, "images": 0, "wait": 0.0, "start": time.perf_counter()}
+    interval = {"loss": 0.0, "steps": 0, "images": 0, "wait": 0.0, "augment": 0.0, "start": time.perf_counter()}
 
     model.train()
     last_eval, interrupted, tick = None, False, time.perf_counter()
@@ -145,7 +145,9 @@ def _train(
             seed = step_seed(t.seed, step, proc.rank)
             torch.manual_seed(seed)  # dropout and stochastic depth
             generator = torch.Generator(device).manual_seed(seed)
+            augment_start = time.perf_counter()
             x, targets = augment(batch.images.to(device), batch.labels.to(device), generator)
+            interval["augment"] += time.perf_counter() - augment_start  # on a GPU: the launch only (async)
             loss, images = _accumulate(net, x, targets, t.accum_steps, amp, scaler, proc.world)
             if images and math.isfinite(loss):
                 _optimizer_step(model, optimizer, scaler, o.clip_grad, ema)
@@ -309,8 +311,9 @@ def _train_record(step: int, spe: int, lr: float, interval: dict) -> dict[str, A
         "kind": "train", "step": step, "epoch": step / spe, "lr": lr,
         "loss": interval["loss"] / interval["steps"] if interval["steps"] else math.nan,  # NaN: every update skipped
         "images_per_s": interval["images"] / elapsed, "data_wait": interval["wait"] / elapsed,
+        "augment": interval["augment"] / elapsed,  # share of time in batched augmentation and normalisation
     }  # fmt: skip
-    interval.update(loss=0.0, steps=0, images=0, wait=0.0, start=now)
+    interval.update(loss=0.0, steps=0, images=0, wait=0.0, augment=0.0, start=now)
     return record
 
 
