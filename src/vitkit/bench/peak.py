@@ -1,0 +1,95 @@
+"""The machine's own matrix-multiply peak: the yardstick that achieved FLOP/s are a fraction of.
+
+On CPU, PyTorch has two fp32 matrix-multiply kernels and they differ by more than 2x on some machines: on an
+AMD EPYC (Zen 5, 2 threads, torch 2.13) `torch.matmul` goes to MKL's sgemm and reaches about 193 GFLOP/s, while
+oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, what inductor and `torch.jit.freeze` lower to) reaches
+about 445. A peak taken from `torch.matmul` alone would flatter every model that reaches oneDNN, so both are
+measured and the peak is the best of them; each kernel's figure is kept, so a report can show both.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Peak:
+    """Measured matrix-multiply throughput of one dtype on one device.
+
+    Attributes:
+        dtype: "fp32" or "bf16".
+        device: where it was measured ("cpu", "cuda:0").
+        kernels: kernel name -> GFLOP/s, e.g. {"torch.matmul": 193.0, "onednn.linear": 445.0}.
+    """
+
+    dtype: str
+    device: str
+    kernels: dict[str, float]
+
+    @property
+    def gflops(self) -> float:
+        """The peak: the best kernel's GFLOP/s (% of peak is against this)."""
+        return max(self.kernels.values())
+
+    @property
+    def kernel(self) -> str:
+        """The name of the best kernel."""
+        return max(self.kernels, key=self.kernels.__getitem__)
+
+
+def matmul_kernels(device: torch.device) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """The matrix-multiply kernels worth measuring on `device`, by name."""
+    kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"torch.matmul": torch.matmul}
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        # y = x @ w.T with no bias and no fused activation; w.T of a random square matrix costs the same as w.
+        kernels["onednn.linear"] = lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return kernels
+
+
+def matmul_peak(
+    dtype: str = "fp32", device: str | torch.device = "cpu", n: int | None = None, repeats: int = 5
+) -> Peak:
+    """Best GFLOP/s of an n x n by n x n product over `repeats` timed calls of each kernel, after a warm-up.
+
+    Args:
+        dtype: "fp32" or "bf16".
+        device: "cpu", "cuda" or "cuda:N". Runs with the current `torch.get_num_threads()` on CPU.
+        n: matrix side; default 2048 on CPU and 8192 on CUDA (a 2048 product takes a few microseconds on a large
+            GPU, too short to keep it busy, so its peak would be understated).
+        repeats: timed calls per kernel; the fastest counts (a peak is what the hardware can do, not a typical).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}; expected at least 1")
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 2048)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device, DTYPES[dtype])
+    b = torch.randn(n, n, generator=gen).to(device, DTYPES[dtype])
+    flops = 2 * n**3
+    kernels = {}
+    for name, kernel in matmul_kernels(device).items():
+        for _ in range(2):  # warm-up: first-call dispatch, oneDNN primitive creation, cuBLAS handles
+            kernel(a, b)
+        best = float("inf")
+        for _ in range(repeats):
+            sync(device)
+            t = time.perf_counter()
+            kernel(a, b)
+            sync(device)
+            best = min(best, time.perf_counter() - t)
+        kernels[name] = flops / best / 1e9
+    return Peak(dtype, str(device), kernels)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on a GPU (timings would otherwise measure only the launches)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
