@@ -128,7 +128,7 @@ def test_max_batch_from_a_line():
 
     assert fit_line([(2, linear(2)), (4, linear(4))]) == pytest.approx((1e8, 1e7))
     fit = max_batch(tiny_cfg(), 1_000_000_000, measure=linear)
-    assert fit.max_batch == 90 and fit.points == [(2, linear(2)), (4, linear(4))] and fit.verified is None
+    assert fit.max_batch == 90 and fit.points == [(8, linear(8)), (16, linear(16))] and fit.verified is None
     assert fit.fixed == pytest.approx(1e8) and fit.per_image == pytest.approx(1e7)
     assert max_batch(tiny_cfg(), 1_000_000_000, measure=linear, verify=True).verified == linear(90)
 
@@ -136,7 +136,7 @@ def test_max_batch_from_a_line():
         return linear(batch) + (500_000_000 if batch >= 80 else 0)
 
     fit = max_batch(tiny_cfg(), 1_000_000_000, measure=jump, verify=True)
-    assert fit.max_batch == 58 and fit.verified == jump(58) <= 1_000_000_000  # 58: the secant from 2 to 90
+    assert fit.max_batch == 58 and fit.verified == jump(58) <= 1_000_000_000  # 58: the secant from 8 to 90
     assert fit.points[2] == (90, jump(90))  # the prediction was measured, did not fit, and was shrunk
     with pytest.raises(ValueError, match="does not fit one image"):
         max_batch(tiny_cfg(), 50_000_000, measure=linear)
@@ -191,6 +191,6 @@ def test_cli_max_batch(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "fit: memory = 1.00 GiB + 256.0 MiB x batch" in out
     assert "largest batch in 16.00 GiB: 60 (predicted 16.00 GiB)" in out
-    assert seen == [(32, 2, "train", True), (32, 4, "train", True)]
+    assert seen == [(32, 8, "train", True), (32, 16, "train", True)]
     assert main(["bench", "vit_ti16", "--max-batch"]) == 2
     assert "--max-batch needs --memory SIZE" in capsys.readouterr().err
