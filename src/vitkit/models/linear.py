@@ -4,33 +4,20 @@ On x86 CPUs PyTorch sends fp32 `F.linear` to MKL's sgemm. On AMD processors MKL 
 2-core Zen 5 we develop on it reaches about 190 GFLOP/s where oneDNN's matmul (the library PyTorch already uses
 for convolutions and bf16 matmuls) reaches about 440. `Linear` sends fp32 CPU work to oneDNN, forward and
 backward, and everything else (bf16, autocast, CUDA, tracing for export or torch.compile) to `F.linear`.
-`reference_kernels()` turns the fast path off, for a numerics check or a comparison.
+`kernels.reference_kernels()` turns the fast path off, for a numerics check or a comparison.
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_fast = {"enabled": True}
+from .kernels import fast_cpu
+
 # Rows of the weight gradient's reduction summed per oneDNN call: one long reduction runs at MKL's speed,
 # chunks of 512 rows at 1.5-2x it (measured on the shapes of ViT-S/16 and ViT-B/16 at batch 32).
 _GRAD_CHUNK = 512
-
-
-@contextlib.contextmanager
-def reference_kernels() -> Iterator[None]:
-    """Within this block `Linear` runs `F.linear` everywhere (the reference numerics)."""
-    before = _fast["enabled"]
-    _fast["enabled"] = False
-    try:
-        yield
-    finally:
-        _fast["enabled"] = before
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -40,14 +27,10 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
-        _fast["enabled"]
-        and x.device.type == "cpu"
+        fast_cpu(x)
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
-        and x.numel() > 0
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()  # also true while torch.export traces for ONNX
-        and not torch.jit.is_tracing()
         and torch.backends.mkldnn.is_available()
     )
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..preprocess import Preprocess, source_preprocess
 from .config import ViTConfig
+from .kernels import attention
 from .linear import Linear
 from .posembed import resample_pos_embed, resample_pos_embed_traced, sincos_2d
 from .resnet import ResNetStem
@@ -50,7 +50,6 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = cfg.heads
         self.head_dim = cfg.width // cfg.heads
-        self.scale = self.head_dim**-0.5
         self.qkv = Linear(cfg.width, 3 * cfg.width, bias=cfg.qkv_bias)
         self.attn_drop = cfg.attn_dropout
         self.proj = Linear(cfg.width, cfg.width)
@@ -59,14 +58,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d)
-        drop = self.attn_drop if self.training else 0.0
-        if need_weights:
-            # The manual path: same math as the fused kernel, but the probabilities are kept for the caller.
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, T, T)
-            out = F.dropout(attn, drop, self.training) @ v
-        else:
-            attn = None
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        out, attn = attention(q, k, v, self.attn_drop if self.training else 0.0, need_weights)
         out = out.transpose(1, 2).reshape(B, T, D)
         return self.proj_drop(self.proj(out)), attn
 
