@@ -1,3 +1,6 @@
+import itertools
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -144,6 +147,43 @@ def test_start_resumes_at_the_right_batch():
     for a, b in zip(full[3:], resumed, strict=True):
         assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images)
     assert collect(start=5, **kw) == []
+
+
+class PidRecordingImages(ArrayImages):
+    """Writes the id of the process that decodes each image to `log`."""
+
+    def __init__(self, log, *args):
+        super().__init__(*args)
+        self.log = log
+
+    def load(self, i, channels=3, draft=None):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return super().load(i, channels, draft)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_stream_over_epochs_equals_epoch_by_epoch_with_the_same_workers(tmp_path, workers):
+    base = array_source(n=10)
+    src = PidRecordingImages(tmp_path / "pids", base.array, base.labels, base.classes, base.name)
+    kw = dict(source=src, batch_size=4, img_size=(8, 8), channels=3, train=True, seed=5, workers=workers)
+    stream = collect(epoch=2, start=1, epochs=3, **kw)  # 2 steps per epoch: 1 + 2 + 2 batches
+    (tmp_path / "pids").unlink()
+    by_epoch = collect(epoch=2, start=1, **kw) + collect(epoch=3, **kw) + collect(epoch=4, **kw)
+    assert [b.epoch for b in stream] == [b.epoch for b in by_epoch] == [2, 3, 3, 4, 4]
+    for a, b in zip(stream, by_epoch, strict=True):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images)
+    assert not torch.equal(stream[1].indices, stream[3].indices)  # each epoch has its own order
+    # Without end: the same batches first, and the same decoding processes throughout.
+    (tmp_path / "pids").unlink()
+    endless = list(itertools.islice(batches(epoch=2, start=1, epochs=None, **kw), 5))
+    assert all(torch.equal(a.images, b.images) for a, b in zip(endless, stream, strict=True))
+    pids = set((tmp_path / "pids").read_text().split())
+    assert len(pids) == max(workers, 1) and (workers > 0) != (str(os.getpid()) in pids)
+    with pytest.raises(ValueError, match="epochs=0; expected >= 1 or None"):
+        batches(epochs=0, **kw)
+    with pytest.raises(ValueError, match="noise: 10 images, fewer than one batch of 12"):
+        batches(**{**kw, "batch_size": 12}, epochs=None)
 
 
 def test_unreadable_images_are_skipped_and_reported(tmp_path):

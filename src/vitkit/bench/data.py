@@ -13,7 +13,6 @@ Two questions, two functions:
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import tempfile
 import time
 from collections.abc import Iterator
@@ -48,7 +47,7 @@ class PipelineSpeed:
     images_per_s_per_worker: float  # per decoding process: images_per_s / max(workers, 1)
     wait_seconds: float  # time the main process waited for the next batch (see `pipeline_speed`)
     augment_seconds: float  # host-to-device copy + batched augment and normalise, synchronised
-    epoch_starts: int  # epochs begun inside the timed window; each starts a fresh set of loader workers
+    epoch_starts: int  # epochs begun inside the timed window (the workers carry on across them)
 
 
 @dataclass
@@ -62,7 +61,7 @@ class DataWait:
     wait_seconds: float  # time the loop waited for the next batch
     fraction: float  # wait_seconds / seconds, in [0, 1]
     images_per_s: float
-    per_step: list[float]  # each timed step's data_wait fraction, in order (epoch starts stand out)
+    per_step: list[float]  # each timed step's data_wait fraction, in order
 
 
 def pipeline_speed(
@@ -82,8 +81,8 @@ def pipeline_speed(
 
     One warm-up batch (which also starts the workers) is delivered and augmented untimed; then `num_batches`
     batches are timed from the moment the warm-up finished until the last one is augmented on the device. The
-    stream runs epoch after epoch, as training's does, so a short dataset restarts the loader inside the window
-    (`epoch_starts` counts it; training pays the same).
+    stream runs epoch after epoch with the same workers, as training's does (`epoch_starts` counts the epochs
+    begun inside the window).
 
     Where the time goes: with workers=0 everything runs in this process, one after the other, so `wait_seconds`
     is exactly the decode + crop + stack time and `augment_seconds` the device part. With workers the two
@@ -126,12 +125,12 @@ def pipeline_speed(
             torch.cuda.synchronize(device)
 
     try:
-        _, first = next(stream)
+        first = next(stream)
         step(0, first)
         images, wait, busy = 0, 0.0, 0.0
         start = tick = time.perf_counter()
         for i in range(1, num_batches + 1):
-            epoch, batch = next(stream)
+            batch = next(stream)
             got = time.perf_counter()
             step(i, batch)
             done = time.perf_counter()
@@ -153,7 +152,7 @@ def pipeline_speed(
         images_per_s_per_worker=images / seconds / max(workers, 1),
         wait_seconds=wait,
         augment_seconds=busy,
-        epoch_starts=epoch,
+        epoch_starts=batch.epoch,
     )
 
 
@@ -165,22 +164,16 @@ def _epochs(
     channels: int,
     workers: int,
     seed: int,
-) -> Iterator[tuple[int, Batch]]:
-    """(epoch, batch) for ever, one `vitkit.data.batches` call per epoch, as the training loop's `_stream`."""
-    for epoch in itertools.count():
-        if augment is None:  # the evaluation path, as `vitkit.evaluate` builds it
-            kw = dict(train=False, preprocess=prep)
-        else:
-            kw = dict(train=True, crop_scale=augment.crop_scale, crop_ratio=augment.crop_ratio)
-        delivered = False
-        for batch in batches(
-            source, batch_size=batch_size, img_size=prep.img_size, channels=channels, seed=seed, epoch=epoch,
-            workers=workers, **kw,
-        ):  # fmt: skip
-            delivered = True
-            yield epoch, batch
-        if not delivered:
-            raise ValueError(f"{source.name}: {len(source)} images, fewer than one batch of {batch_size}")
+) -> Iterator[Batch]:
+    """Batches for ever, one `vitkit.data.batches` stream across epochs, as the training loop's `_stream`."""
+    if augment is None:  # the evaluation path, as `vitkit.evaluate` builds it
+        kw = dict(train=False, preprocess=prep)
+    else:
+        kw = dict(train=True, crop_scale=augment.crop_scale, crop_ratio=augment.crop_ratio)
+    return batches(
+        source, batch_size=batch_size, img_size=prep.img_size, channels=channels, seed=seed, workers=workers,
+        epochs=None, **kw,
+    )  # fmt: skip
 
 
 def training_data_wait(
@@ -195,8 +188,7 @@ def training_data_wait(
     metric line, so none of that is counted. A step's duration is recovered from its images/s and the batch
     size, exact unless images of the step were unreadable.
 
-    Take `steps` past an epoch boundary (steps per epoch + 1) to include the cold first batch of an epoch at
-    the rate training meets it.
+    Take `steps` past an epoch boundary (steps per epoch + 1) to include an epoch's first batch.
 
     Args:
         cfg: the run (data, model, augmentation, workers, precision, batch); its step count, logging and

@@ -14,6 +14,7 @@ batched on the device (`vitkit.data.augment`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class Batch:
     labels: torch.Tensor  # (B,) int64
     indices: torch.Tensor  # (B,) int64, indices into the source
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (where, reason) of images left out
+    epoch: int = 0  # the epoch it belongs to
 
 
 def steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
@@ -66,8 +68,9 @@ def batches(
     world: int = 1,
     workers: int = 0,
     drop_last: bool | None = None,
+    epochs: int | None = 1,
 ) -> Iterator[Batch]:
-    """One epoch of this rank's batches.
+    """This rank's batches for `epochs` epochs from `epoch` on (one by default; None: without end).
 
     Args:
         source: the images.
@@ -77,11 +80,12 @@ def batches(
         train: shuffle and take a RandomResizedCrop of each image; otherwise keep the order and resize (with
             `preprocess`'s resize and centre crop when given, else straight to img_size).
         crop_scale, crop_ratio: the crop's area fraction and aspect (width / height) ranges, as in torchvision.
-        seed, epoch: seed the order and the crops.
-        start: global batches to skip, to resume mid-epoch exactly.
+        seed, epoch: seed the order and the crops; `epoch` is the first epoch.
+        start: global batches of the first epoch to skip, to resume mid-epoch exactly.
         rank, world: this process's slice of each global batch.
         workers: decoding processes; 0 decodes here. The output does not depend on it.
         drop_last: leave out the last, partial global batch; defaults to `train`.
+        epochs: epochs in one stream; the workers live across them, so no epoch waits for workers to start.
 
     Yields:
         Batch per global step, with unreadable images left out and listed in `skipped` (a batch whose images
@@ -95,22 +99,31 @@ def batches(
         raise ValueError(f"batch_size={batch_size} is not a positive multiple of world={world}")
     if start < 0 or workers < 0:
         raise ValueError(f"start={start}, workers={workers}: expected >= 0")
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"epochs={epochs}; expected >= 1 or None")
     drop_last = train if drop_last is None else drop_last
-    order = epoch_order(len(source), seed, epoch, shuffle=train)
+    n_steps = steps_per_epoch(len(source), batch_size, drop_last)
+    if epochs is None and n_steps == 0:
+        raise ValueError(f"{source.name}: {len(source)} images, fewer than one batch of {batch_size}")
     local = batch_size // world
-    plan = []
-    for step in range(start, steps_per_epoch(len(source), batch_size, drop_last)):
-        global_batch = order[step * batch_size : (step + 1) * batch_size]
-        plan.append(global_batch[rank * local : (rank + 1) * local].tolist())
+
+    def plan() -> Iterator[tuple[int, list[int]]]:
+        """(epoch, this rank's indices) per global step."""
+        for e in itertools.count(epoch) if epochs is None else range(epoch, epoch + epochs):
+            order = epoch_order(len(source), seed, e, shuffle=train)
+            for step in range(start if e == epoch else 0, n_steps):
+                global_batch = order[step * batch_size : (step + 1) * batch_size]
+                yield e, global_batch[rank * local : (rank + 1) * local].tolist()
+
     img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    decoder = BatchDecoder(source, img_size, channels, train, preprocess, crop_scale, crop_ratio, seed, epoch)
-    return _run(decoder, plan, workers)
+    decoder = BatchDecoder(source, img_size, channels, train, preprocess, crop_scale, crop_ratio, seed)
+    return _run(decoder, plan(), workers)
 
 
-def _run(decoder: BatchDecoder, plan: list[list[int]], workers: int) -> Iterator[Batch]:
+def _run(decoder: BatchDecoder, plan: Iterator[tuple[int, list[int]]], workers: int) -> Iterator[Batch]:
     if workers == 0:
-        for indices in plan:
-            yield decoder[indices]
+        for item in plan:
+            yield decoder[item]
         return
     # A whole rank batch is one dataset item, so each worker decodes whole batches and returns one tensor.
     loader = torch.utils.data.DataLoader(
@@ -128,7 +141,7 @@ def _as_is(batch: Batch) -> Batch:
 
 
 class BatchDecoder(torch.utils.data.Dataset):
-    """Turns a list of source indices into a Batch: decode, crop or resize, stack."""
+    """Turns (epoch, source indices) into a Batch: decode, crop or resize, stack."""
 
     def __init__(
         self,
@@ -140,7 +153,6 @@ class BatchDecoder(torch.utils.data.Dataset):
         crop_scale: tuple[float, float],
         crop_ratio: tuple[float, float],
         seed: int,
-        epoch: int,
     ) -> None:
         self.source, self.img_size, self.channels, self.train = source, img_size, channels, train
         if preprocess is not None:  # the output size and channels asked for here win over the record's
@@ -150,16 +162,17 @@ class BatchDecoder(torch.utils.data.Dataset):
                 )
             preprocess = preprocess.resized(img_size)
         self.preprocess, self.crop_scale, self.crop_ratio = preprocess, crop_scale, crop_ratio
-        self.seed, self.epoch = seed, epoch
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, indices: Sequence[int]) -> Batch:
+    def __getitem__(self, item: tuple[int, Sequence[int]]) -> Batch:
+        epoch, indices = item
         images, kept, skipped = [], [], []
         for i in indices:
             try:
-                images.append(np.asarray(self.train_image(i) if self.train else self.eval_image(i)))
+                images.append(np.asarray(self.train_image(i, epoch) if self.train else self.eval_image(i)))
             except UnreadableImage as e:
                 skipped.append((e.where, e.reason))
                 continue
@@ -169,9 +182,9 @@ class BatchDecoder(torch.utils.data.Dataset):
         x = x.reshape(len(images), h, w, self.channels)  # grey images come without the channel axis
         kept_t = torch.tensor(kept, dtype=torch.int64)
         labels = torch.from_numpy(self.source.labels[kept_t.numpy()].astype(np.int64))
-        return Batch(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), labels, kept_t, skipped)
+        return Batch(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), labels, kept_t, skipped, epoch)
 
-    def train_image(self, i: int) -> Image.Image:
+    def train_image(self, i: int, epoch: int) -> Image.Image:
         """RandomResizedCrop of image i, drawn from a generator seeded by (seed, epoch, i)."""
         h, w = self.img_size
         (s_min, _), (r_min, r_max) = self.crop_scale, self.crop_ratio
@@ -182,7 +195,7 @@ class BatchDecoder(torch.utils.data.Dataset):
             m = math.ceil(max(w / math.sqrt(s_min * r_min), h * math.sqrt(r_max / s_min)))
             draft = (m, m)
         image = self.source.load(i, self.channels, draft=draft)
-        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        rng = np.random.default_rng([self.seed, epoch, int(i)])
         top, left, ch, cw = random_resized_crop_box(image.height, image.width, self.crop_scale, self.crop_ratio, rng)
         return image.resize((w, h), Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch))
 

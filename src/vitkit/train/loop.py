@@ -205,13 +205,11 @@ def _train(
 def _stream(train_src, cfg: RunConfig, model, proc: distributed.Dist, spe: int, step: int):
     """Training batches from optimizer step `step` on, epoch after epoch (the loop decides when to stop)."""
     a = cfg.augment
-    for epoch in itertools.count(step // spe):
-        yield from batches(
-            train_src, batch_size=cfg.train.batch_size, img_size=model.cfg.img_size, channels=model.cfg.in_chans,
-            train=True, crop_scale=a.crop_scale, crop_ratio=a.crop_ratio, seed=cfg.train.seed, epoch=epoch,
-            start=step % spe if epoch == step // spe else 0, rank=proc.rank, world=proc.world,
-            workers=cfg.data.workers,
-        )  # fmt: skip
+    return batches(
+        train_src, batch_size=cfg.train.batch_size, img_size=model.cfg.img_size, channels=model.cfg.in_chans,
+        train=True, crop_scale=a.crop_scale, crop_ratio=a.crop_ratio, seed=cfg.train.seed, epoch=step // spe,
+        start=step % spe, rank=proc.rank, world=proc.world, workers=cfg.data.workers, epochs=None,
+    )  # fmt: skip
 
 
 def build_model(cfg: RunConfig, classes: list[str]) -> VisionTransformer:
