@@ -2,12 +2,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from randomized import randomized
 
 import vitkit
 from vitkit.models import ViTConfig, count_macs, count_params, create_model
 from vitkit.models.posembed import resample_pos_embed, sincos_2d
-from vitkit.models.resnet import _same_pad
+from vitkit.models.resnet import StdConv2dSame, _same_pad
 
 # Exact parameter counts at 224x224, 3 channels, 1000 classes, class token, no pre-logits.
 # Entries marked "ref" are REFERENCE.md section 1 (the official configs); hybrids marked "timm" agree with the
@@ -253,6 +254,36 @@ def test_hybrid_stem_shapes_and_numerics():
         torch.testing.assert_close(w.mean(dim=(1, 2, 3)), torch.zeros(32), atol=1e-5, rtol=0)
         diff = (model(x) - timm_style(x)).abs().max().item()
     assert 0 < diff < 1e-2  # the two conventions are close but not equal (REFERENCE.md section 2)
+
+
+def test_strided_1x1_convolution_equals_the_strided_reference():
+    conv = StdConv2dSame(4, 8, 1, 2)
+    torch.nn.init.normal_(conv.weight)
+    x = torch.randn(2, 4, 7, 9, requires_grad=True)
+    ref_x = x.detach().clone().requires_grad_()
+    out = conv(x)
+    ref = F.conv2d(ref_x, conv.standardized_weight(), None, 2)  # "SAME" pads nothing for a 1x1 kernel
+    assert out.shape == (2, 8, 4, 5)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    assert x.grad[:, :, 1::2].abs().sum() == 0 and x.grad[:, :, ::2, ::2].abs().sum() > 0  # only the read pixels
+
+
+def test_hybrid_stem_runs_nchw_for_a_grey_batch_in_nhwc_strides():
+    # A grey batch made from (B, H, W, 1) arrays, as the loader makes it, passes `is_contiguous()` while its strides
+    # are NHWC; the convolution then answers in NHWC and GroupNorm would take its slow channels-last path.
+    model = randomized(tiny(hybrid=(1,), stem_width=32, patch_size=1, in_chans=1, img_size=(32, 32)))
+    nhwc = torch.randn(2, 32, 32, 1).permute(0, 3, 1, 2)
+    assert nhwc.is_contiguous() and nhwc.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    model.patch_embed.backbone.stem.norm.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        out = model(nhwc)
+        torch.testing.assert_close(out, model(nhwc.clone(memory_format=torch.contiguous_format)))
+    assert seen[0].stride() == (32 * 16 * 16, 16 * 16, 16, 1)  # (B, 32, 16, 16) in NCHW
 
 
 @pytest.mark.parametrize(

@@ -43,8 +43,10 @@ class StdConv2dSame(nn.Conv2d):
         return (w - mean) / torch.sqrt(var + 1e-8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _same_pad(x, self.kernel_size[0], self.stride[0])
-        return F.conv2d(x, self.standardized_weight(), None, self.stride)
+        kernel, stride = self.kernel_size[0], self.stride[0]
+        if kernel == 1 and stride > 1:  # reads every stride-th pixel: slicing first is exact and ~1.6x faster
+            return F.conv2d(x[..., ::stride, ::stride], self.standardized_weight())
+        return F.conv2d(_same_pad(x, kernel, stride), self.standardized_weight(), None, stride)
 
 
 def _group_norm(channels: int, numerics: StemNumerics) -> nn.GroupNorm:
@@ -105,7 +107,9 @@ class Stem(nn.Module):
         self.norm = _group_norm(width, numerics)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.norm(self.conv(x)))
+        # The stem keeps NCHW: on CPU, GroupNorm of channels-last bf16 activations is 5-7x slower. A grey batch
+        # (C = 1) is NCHW- and NHWC-contiguous at once and the convolution answers it in NHWC, hence `contiguous`.
+        x = F.relu(self.norm(self.conv(x).contiguous()))
         return F.max_pool2d(_same_pad(x, 3, 2, value=float("-inf")), 3, 2)
 
 
