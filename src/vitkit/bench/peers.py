@@ -91,7 +91,7 @@ def _hf(cfg: ViTConfig) -> nn.Module:
     from transformers import ViTConfig as HFConfig
     from transformers import ViTForImageClassification
 
-    from ..checkpoints.hf import GELU_NAME
+    from ..checkpoints.hf_config import GELU_NAME
 
     h, w = cfg.img_size
     hf_cfg = HFConfig(
