@@ -61,7 +61,11 @@ def train(
     cfg.validate()
     proc, device = distributed.setup(cfg.train.device)
     try:
-        return _train(cfg, run_dir, proc, device, resume, overwrite, progress)
+        summary = _train(cfg, run_dir, proc, device, resume, overwrite, progress)
+        # Every rank returns once rank 0 has written the model: a rank that left first could see rank 0's store
+        # go away under its process group while tearing it down (seen once as an abort of rank 1 in CI).
+        distributed.barrier()
+        return summary
     finally:
         distributed.teardown()
 
