@@ -38,6 +38,17 @@ def test_create_convert_predict(tmp_path, capsys):
         assert len(r["labels"]) == 2 and set(r["labels"]) <= {"class_0", "class_1", "class_2"}
         assert 0 < r["probs"][1] <= r["probs"][0] < 1
     assert results[3]["labels"] == [] and "an HTML/XML page, not an image" in results[3]["error"]
+    assert main(["predict", str(tmp_path / "m2"), str(images), "--topk", "3", "--format", "json"]) == 0
+    fp32 = json.loads(capsys.readouterr().out)
+    assert (
+        main(["predict", str(tmp_path / "m2"), str(images), "--topk", "3", "--format", "json", "--precision", "bf16"])
+        == 0
+    )
+    bf16 = json.loads(capsys.readouterr().out)
+    for a, b in zip(fp32[:3], bf16[:3], strict=True):  # bf16 rounds: close to fp32, not equal to it
+        by_label = dict(zip(a["labels"], a["probs"], strict=True))
+        np.testing.assert_allclose([by_label[n] for n in b["labels"]], b["probs"], atol=0.02, rtol=0)
+    assert any(a["probs"] != b["probs"] for a, b in zip(fp32[:3], bf16[:3], strict=True))
 
 
 def test_convert_refuses_to_overwrite(tmp_path, capsys):

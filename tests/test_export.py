@@ -154,3 +154,5 @@ def test_cli_export_and_predict_with_onnxruntime(tmp_path, capsys):
     assert "export again" in capsys.readouterr().err
     assert main(["predict", str(out), str(images)]) == 2
     assert "is an ONNX graph; run it with --backend onnx" in capsys.readouterr().err
+    assert main(["predict", str(out), str(images), "--backend", "onnx", "--precision", "bf16"]) == 2
+    assert "precision 'bf16' needs a torch model" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import torch
 from PIL import ImageDraw, ImageFont
 
 from .data.images import UnreadableImage, decode
+from .evaluate import autocast
 from .models import VisionTransformer
 
 if TYPE_CHECKING:
@@ -70,10 +71,19 @@ def predict(
     topk: int = 5,
     names: list[str] | None = None,
     batch_size: int = 32,
+    precision: str = "fp32",
 ) -> list[Prediction]:
-    """Run `model` on each image; an unreadable file gets a Prediction with `error` (why) instead of stopping."""
+    """Run `model` on each image; an unreadable file gets a Prediction with `error` (why) instead of stopping.
+
+    precision: "fp32", or "bf16" (autocast, as `vitkit eval --precision bf16`; a torch model only).
+    """
     if model.cfg.num_classes == 0:
         raise ValueError("the model has no classification head (num_classes=0); nothing to predict")
+    if precision != "fp32" and not isinstance(model, VisionTransformer):
+        raise ValueError(
+            f"precision {precision!r} needs a torch model; an ONNX graph runs in the types it was exported in"
+        )
+    amp = autocast("cpu", precision)
     names = names or class_names(model)
     k = min(topk, model.cfg.num_classes)
     results: list[Prediction] = []
@@ -82,7 +92,8 @@ def predict(
     def flush() -> None:
         if not batch:
             return
-        probs = model(torch.stack(batch)).float().softmax(dim=-1)
+        with amp:
+            probs = model(torch.stack(batch)).float().softmax(dim=-1)
         top = probs.topk(k, dim=-1)
         for path, p, i in zip(batch_paths, top.values.tolist(), top.indices.tolist(), strict=True):
             results.append(Prediction(str(path), [names[j] for j in i], p))
