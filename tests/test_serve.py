@@ -22,6 +22,7 @@ from vitkit.data.images import decode
 
 pytest.importorskip("starlette", reason="the serve extra is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra is not installed")
+from vitkit.serve.app import Job, create_app, run_jobs
 from vitkit.serve.batching import DynamicBatcher
 
 CLASSES = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu"]
@@ -59,6 +60,7 @@ def test_health_and_model(service):
     assert info["classes"] == CLASSES and info["num_classes"] == 7
     assert info["img_size"] == [32, 32] and info["preprocess"] == model.preprocess.to_dict()
     assert info["limits"] == {"max_upload_bytes": MAX_UPLOAD, "max_pixels": MAX_PIXELS}
+    assert info["precision"] == "fp32"
     with urllib.request.urlopen(url + "/", timeout=30) as page:
         html = page.read().decode()
     assert page.status == 200 and 'id="bars"' in html and "predict?topk=5&attention=1" in html
@@ -142,6 +144,19 @@ def test_concurrent_requests_are_batched(service):
     batches = after["batches"] - before["batches"]
     assert requests == n + 1
     assert batches < requests and after["largest_batch"] > 1
+
+
+def test_bf16_answers_are_close_to_fp32_and_rollouts_stay_fp32(service):
+    model = service.model
+    images = torch.stack([model.preprocess(decode(image_bytes("PNG", seed=i), "x", 3)) for i in range(3)])
+    jobs = [Job(image, attention=True) for image in images]
+    fp32, bf16 = run_jobs(model, jobs), run_jobs(model, jobs, "bf16")
+    for a, b in zip(fp32, bf16, strict=True):
+        np.testing.assert_allclose(b.probs, a.probs, atol=0.02, rtol=0)  # bf16 rounds: close, and not equal
+        np.testing.assert_array_equal(b.rollout, a.rollout)
+    assert any(not torch.equal(a.probs, b.probs) for a, b in zip(fp32, bf16, strict=True))
+    with pytest.raises(ValueError, match="precision fp16 needs a CUDA device"):
+        create_app(model, precision="fp16")
 
 
 def test_batcher_batches_and_survives_a_failing_batch():

@@ -33,6 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_wait_ms=args.max_wait_ms,
         limits=limits,
         name=args.name or args.model,
+        precision=args.precision,
     )
 
 
@@ -58,5 +59,8 @@ def add_serve(sub: Subparsers) -> None:
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image accepted (width x height)")
     p.add_argument("--access-log", action="store_true", help="log one line per request")
     p.add_argument("--name", help="what the page and GET /model call the model (default: MODEL as given)")
+    p.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, faster on CPUs with bf16 units"
+    )
     add_set(p)
     p.set_defaults(func=cmd_serve)

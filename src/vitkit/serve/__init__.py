@@ -30,7 +30,8 @@ def serve(
             unless asked (e.g. host="0.0.0.0").
         port: the TCP port.
         access_log: log one line per request.
-        **options: `vitkit.serve.app.create_app` options (max_batch, max_wait_ms, max_queue, limits, name).
+        **options: `vitkit.serve.app.create_app` options (max_batch, max_wait_ms, max_queue, limits, name,
+            precision).
 
     Raises:
         ImportError: starlette, uvicorn or python-multipart is not installed.
