@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..allocator import keep_freed_memory
 from ..models import VisionTransformer, ViTConfig, count_macs
 from .peak import DTYPES, sync
 
@@ -79,6 +80,7 @@ def make_step(
             raise ValueError(f"{name} {value!r}; expected one of {allowed}")
     if batch < 1:
         raise ValueError(f"batch {batch}; expected at least 1")
+    keep_freed_memory()  # as `vitkit train` runs: for vitkit and the peers alike, who share the process
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, cfg.in_chans, *cfg.img_size, generator=gen).to(device)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from ..allocator import keep_freed_memory
 from ..checkpoints import load_pretrained, save_pretrained
 from ..data import batches, open_source, steps_per_epoch
 from ..data.augment import DeviceAugment
@@ -59,6 +60,7 @@ def train(
     """
     run_dir = Path(run_dir)
     cfg.validate()
+    keep_freed_memory()  # large activations are reused, not page-faulted in again every step
     proc, device = distributed.setup(cfg.train.device)
     try:
         summary = _train(cfg, run_dir, proc, device, resume, overwrite, progress)

@@ -1,0 +1,43 @@
+"""keep_freed_memory: large tensors come from glibc's heap, not from a fresh mmap, and freed ones are reused."""
+
+import ctypes
+import subprocess
+import sys
+
+import pytest
+
+# In a fresh process: the setting is process-wide and lasts, and the "before" needs glibc's defaults.
+CHECK = """
+import ctypes, torch
+from vitkit.allocator import keep_freed_memory
+
+FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in FIELDS.split()]
+
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = Mallinfo2
+
+def allocate():
+    '''(bytes newly mmapped, bytes the heap grew by) while a 64 MiB tensor is alive.'''
+    start = mallinfo2()
+    x = torch.ones(64 * 2**20, dtype=torch.uint8)
+    now = mallinfo2()
+    del x
+    return now.hblkhd - start.hblkhd, now.arena - start.arena
+
+print(*allocate(), keep_freed_memory(), *allocate(), *allocate())
+"""
+
+
+def test_large_tensors_come_from_the_heap_and_are_reused():
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("not glibc >= 2.33")
+    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, check=True).stdout.split()
+    mapped_before, _, took, mapped_first, grew_first, mapped_again, grew_again = out
+    mib = 2**20
+    assert int(mapped_before) >= 64 * mib  # glibc's default: a fresh mapping for the tensor
+    assert took == "True"
+    assert int(mapped_first) == 0 and int(grew_first) > 0  # from the heap, which grew for it
+    assert int(mapped_again) == 0 and int(grew_again) == 0  # the freed memory was kept and is reused
