@@ -27,7 +27,7 @@ def allocate():
     del x
     return now.hblkhd - start.hblkhd, now.arena - start.arena
 
-print(*allocate(), keep_freed_memory(), *allocate(), *allocate())
+print(*allocate(), keep_freed_memory(), *(n for _ in range(6) for n in allocate()))
 """
 
 
@@ -35,9 +35,12 @@ def test_large_tensors_come_from_the_heap_and_are_reused():
     if not hasattr(ctypes.CDLL(None), "mallinfo2"):
         pytest.skip("not glibc >= 2.33")
     out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, check=True).stdout.split()
-    mapped_before, _, took, mapped_first, grew_first, mapped_again, grew_again = out
+    mapped_before, took, after = int(out[0]), out[2], [int(n) for n in out[3:]]
+    mapped, grew = after[0::2], after[1::2]
     mib = 2**20
-    assert int(mapped_before) >= 64 * mib  # glibc's default: a fresh mapping for the tensor
+    assert mapped_before >= 64 * mib  # glibc's default: a fresh mapping for the tensor
     assert took == "True"
-    assert int(mapped_first) == 0 and int(grew_first) > 0  # from the heap, which grew for it
-    assert int(mapped_again) == 0 and int(grew_again) == 0  # the freed memory was kept and is reused
+    assert mapped == [0] * 6 and grew[0] > 0  # from the heap, which grew for the first one
+    # The freed memory is kept and reused: five more tensors grow the heap by at most one tensor's size (a small
+    # allocation landing in the freed block can make one of them extend the heap), not by five.
+    assert sum(grew[1:]) <= 64 * mib
