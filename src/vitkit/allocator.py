@@ -5,7 +5,7 @@ batch 32 is 38 MiB) with a fresh `mmap` and gives it back with `munmap` when it 
 allocates the same large tensors again, so the kernel faults in and zeroes every one of their pages every step:
 on the 2-core machine we develop on that is a quarter of a ViT-S/16 or ViT-B/16 fp32 training step. After
 `keep_freed_memory()` glibc serves them from its heap and keeps freed memory for reuse. The price: the process
-holds on to its peak memory until it exits (the peak itself grows by a few percent).
+holds on to its peak memory until it exits (the peak itself grows by 5-10%).
 
 `vitkit.train.train` and the benchmark's step functions call it; it changes nothing where the C library is not
 glibc.
