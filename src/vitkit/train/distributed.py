@@ -31,7 +31,7 @@ def setup(device: str) -> tuple[Dist, torch.device]:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and world > 1:
+    if device == "cuda":  # an index always: torch.cuda.set_device refuses a bare "cuda"
         device = f"cuda:{local_rank}"
     dev = torch.device(device)
     if dev.type == "cuda":
