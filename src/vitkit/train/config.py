@@ -86,6 +86,7 @@ class TrainConfig:
     batch_size: int = 128  # global batch per optimizer step (all ranks and accumulation steps together)
     accum_steps: int = 1
     precision: str = "fp32"  # fp32 | bf16 (autocast, CPU and GPU) | fp16 (autocast with loss scaling, GPU)
+    compile: bool = False  # torch.compile the training forward and backward (pays on a GPU; slower on CPU)
     ema_decay: float | None = None  # keep an exponential moving average of the weights; evaluated and saved
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N

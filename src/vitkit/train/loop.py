@@ -130,6 +130,8 @@ def _train(
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    if t.compile:  # the training steps only: evaluation and the saved weights use `model` itself
+        net = torch.compile(net)
 
     total = t.steps or math.ceil(t.epochs * spe)
     warmup = warmup_steps(cfg.schedule, spe)
