@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train import TINY
 
 from vitkit.bench import compare, measure, peak_memory
 from vitkit.models import ViTConfig, create_model
@@ -81,22 +82,12 @@ def test_fused_adamw_on_the_gpu_matches_the_cpu_update():
         assert (q.detach().cpu() - p.detach()).abs().max().item() < 1e-6, name
 
 
-TINY = {
-    "model.img_size": 8,
-    "model.overrides": {"patch_size": 2, "in_chans": 1, "width": 32, "depth": 2, "heads": 2, "mlp_dim": 64},
-    "data.workers": 0,
-    "train.batch_size": 32,
-    "train.log_every": 1,
-    "train.eval_every": 0,
-    "train.device": "cuda",
-    "augment.hflip": 0.0,
-    "augment.crop_scale": [0.7, 1.0],
-}
+GPU_RUN = {**TINY, "train.eval_every": 0, "train.device": "cuda"}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_training_on_the_gpu_learns(tmp_path, precision):
-    cfg = load_config(None, {**TINY, "train.steps": 300, "optim.lr": 3e-3, "train.precision": precision})
+    cfg = load_config(None, {**GPU_RUN, "train.steps": 300, "optim.lr": 3e-3, "train.precision": precision})
     out = train(cfg, tmp_path / "run", progress="none")
     assert out["step"] == 300 and out["top1"] > 0.5  # the embedded digits; chance is 0.1
     losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
