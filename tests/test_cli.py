@@ -135,3 +135,32 @@ def test_eval_writes_a_report(tmp_path, capsys):
     assert "top-1" in out and "cow" in out and "skipped 0" in out
     assert main(["eval", str(tmp_path / "m"), "digits"]) == 2
     assert "10 classes, but the model has 3 outputs" in capsys.readouterr().err
+
+    # --flip: the same numbers as the library's evaluation with flip=True, and not those without it.
+    from vitkit import load_pretrained
+    from vitkit.data import open_source
+    from vitkit.evaluate import evaluate
+
+    assert main([*args, "--json", "--flip"]) == 0
+    flipped = json.loads(capsys.readouterr().out)
+    expected = evaluate(load_pretrained(tmp_path / "m"), open_source(str(tmp_path / "data"), "val"), flip=True)
+    assert flipped["loss"] == pytest.approx(expected.loss, abs=1e-6) and flipped["top1"] == expected.top1
+    assert flipped["loss"] != pytest.approx(metrics["loss"], abs=1e-4)
+
+
+def test_predict_with_flip(tmp_path, capsys):
+    from vitkit import load_pretrained
+    from vitkit.predict import predict
+
+    assert main(["create", "vit_ti16", str(tmp_path / "m"), *TINY]) == 0
+    path = tmp_path / "0.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(path)
+    capsys.readouterr()
+    outputs = {}
+    for flag in ([], ["--flip"]):
+        assert main(["predict", str(tmp_path / "m"), str(path), "--topk", "3", "--format", "json", *flag]) == 0
+        outputs[bool(flag)] = json.loads(capsys.readouterr().out)[0]
+    expected = predict(load_pretrained(tmp_path / "m"), [path], topk=3, flip=True)[0]
+    assert outputs[True]["labels"] == expected.labels
+    np.testing.assert_allclose(outputs[True]["probs"], expected.probs, atol=1e-6, rtol=0)
+    assert not np.allclose(outputs[True]["probs"], outputs[False]["probs"], atol=1e-4)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 from randomized import randomized
 
-from vitkit.evaluate import EvalResult, Meter, evaluate, summary, write_report
+from vitkit.evaluate import EvalResult, Meter, class_scores, evaluate, summary, write_report
 from vitkit.models import resolve_config
 from vitkit.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
@@ -164,6 +164,45 @@ def test_evaluate_matches_a_manual_loop(tmp_path):
 
     bf16 = evaluate(model, open_source(str(tmp_path), "val"), batch_size=8, precision="bf16")
     assert bf16.count == len(items) and bf16.loss == pytest.approx(result.loss, abs=0.05)
+
+
+def test_flip_averages_the_probabilities_of_the_mirror_images():
+    model = tiny_model(5).eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(class_scores(model, x), model(x))
+        scores = class_scores(model, x, flip=True)
+        mirror = torch.stack([image[:, :, torch.arange(15, -1, -1)] for image in x])  # columns reversed by hand
+        mean = (model(x).softmax(-1) + model(mirror).softmax(-1)) / 2
+        torch.testing.assert_close(scores.softmax(-1), mean, atol=1e-6, rtol=0)
+        torch.testing.assert_close(scores.exp().sum(-1), torch.ones(4), atol=1e-6, rtol=0)  # log-probabilities
+        assert not torch.allclose(mean, model(x).softmax(-1), atol=1e-3)  # the mirror images did count
+        symmetric = torch.cat([x[..., :8], x[..., :8].flip(-1)], dim=-1)  # each image its own mirror image
+        torch.testing.assert_close(class_scores(model, symmetric, flip=True), model(symmetric).log_softmax(-1))
+        # Confident logits 200 apart: an fp32 softmax underflows to 0, the scores stay finite.
+        sure = class_scores(lambda t: torch.tensor([[200.0, 0.0]]).expand(len(t), 2), x, flip=True)
+        assert torch.isfinite(sure).all() and sure[0, 1] == pytest.approx(-200, abs=1e-3)
+
+
+def test_evaluate_with_flip_matches_a_manual_loop(tmp_path):
+    pytest.importorskip("vitkit.data.loader")
+    from vitkit.data import open_source
+
+    items = image_folder(tmp_path)
+    model = tiny_model(3)
+    with torch.no_grad():
+        inputs = []
+        for path, _ in items:
+            with Image.open(path) as image:
+                inputs.append(model.preprocess(image))
+        x = torch.stack(inputs)
+        probs = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2
+    labels = torch.tensor([label for _, label in items])
+    result = evaluate(model, open_source(str(tmp_path), "val"), batch_size=5, flip=True)
+    assert result.top1 == (probs.argmax(-1) == labels).float().mean().item()
+    assert result.loss == pytest.approx(F.nll_loss(probs.log(), labels).item(), abs=1e-5)
+    plain = evaluate(model, open_source(str(tmp_path), "val"), batch_size=5)
+    assert plain.loss != pytest.approx(result.loss, abs=1e-4)
 
 
 def test_evaluate_checks_the_classes(tmp_path):

@@ -60,7 +60,7 @@ def test_health_and_model(service):
     assert info["classes"] == CLASSES and info["num_classes"] == 7
     assert info["img_size"] == [32, 32] and info["preprocess"] == model.preprocess.to_dict()
     assert info["limits"] == {"max_upload_bytes": MAX_UPLOAD, "max_pixels": MAX_PIXELS}
-    assert info["precision"] == "fp32"
+    assert info["precision"] == "fp32" and info["flip"] is False
     with urllib.request.urlopen(url + "/", timeout=30) as page:
         html = page.read().decode()
     assert page.status == 200 and 'id="bars"' in html and "predict?topk=5&attention=1" in html
@@ -157,6 +157,17 @@ def test_bf16_answers_are_close_to_fp32_and_rollouts_stay_fp32(service):
     assert any(not torch.equal(a.probs, b.probs) for a, b in zip(fp32, bf16, strict=True))
     with pytest.raises(ValueError, match="precision fp16 needs a CUDA device"):
         create_app(model, precision="fp16")
+
+
+def test_flip_answers_average_the_mirror_images(service):
+    model = service.model
+    images = torch.stack([model.preprocess(decode(image_bytes("PNG", seed=i), "x", 3)) for i in range(3)])
+    flipped = run_jobs(model, [Job(image, attention=False) for image in images], flip=True)
+    plain = run_jobs(model, [Job(image, attention=False) for image in images])
+    mirrored = run_jobs(model, [Job(image.flip(-1), attention=False) for image in images])
+    for f, a, b in zip(flipped, plain, mirrored, strict=True):
+        np.testing.assert_allclose(f.probs, (a.probs + b.probs) / 2, atol=1e-6, rtol=0)
+        assert not torch.allclose(f.probs, a.probs, atol=1e-4)
 
 
 def test_batcher_batches_and_survives_a_failing_batch():

@@ -53,6 +53,16 @@ def test_training_on_the_embedded_digits_learns(tmp_path):
     assert json.loads((run / "eval" / "metrics.json").read_text())["top1"] == pytest.approx(out["top1"])
 
 
+def test_eval_flip_scores_the_run_with_mirror_images(tmp_path):
+    from vitkit.evaluate import evaluate
+
+    out = train(tiny(**{"train.steps": 20, "train.eval_every": 0, "train.eval_flip": True}), tmp_path, progress="none")
+    model, val = load_pretrained(tmp_path / "model"), open_source(None, "val")
+    flipped, plain = evaluate(model, val, flip=True), evaluate(model, val)
+    assert out["loss"] == pytest.approx(flipped.loss, abs=1e-6) and out["top1"] == flipped.top1
+    assert out["loss"] != pytest.approx(plain.loss, abs=1e-4)
+
+
 def test_same_seed_same_losses_bit_for_bit(tmp_path):
     cfg = tiny(**{"train.steps": 6, "train.eval_every": 0, "augment.randaugment_ops": 2, "augment.mixup": 0.2})
     train(cfg, tmp_path / "a", progress="none")

@@ -75,7 +75,7 @@ class Meter:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add a batch: logits (B, K), labels (B,) class indices."""
+        """Add a batch: logits (B, K) (or log-probabilities), labels (B,) class indices."""
         k = self.num_classes
         logits, labels = logits.detach().float(), labels.to(self.confusion.device)
         self.loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
@@ -123,6 +123,17 @@ def autocast(device: str | torch.device, precision: str) -> contextlib.AbstractC
     raise ValueError(f"precision {precision!r}; expected fp32, bf16 or fp16")
 
 
+def class_scores(model: Any, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """fp32 class scores (B, K) of a normalised batch (B, C, H, W): the logits, or with `flip` the log of the mean
+    of the probabilities of each image and of its mirror image (left-right test-time augmentation, twice the
+    compute; for classes without handedness, not for digits or text). Softmax turns either into probabilities."""
+    logits = model(images).float()
+    if not flip:
+        return logits
+    both = torch.stack([logits, model(images.flip(-1)).float()]).log_softmax(dim=-1)
+    return torch.logsumexp(both, dim=0) - math.log(2)
+
+
 @torch.no_grad()
 def evaluate(
     model: VisionTransformer,
@@ -132,6 +143,7 @@ def evaluate(
     workers: int = 0,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    flip: bool = False,
     rank: int = 0,
     world: int = 1,
 ) -> EvalResult:
@@ -146,6 +158,7 @@ def evaluate(
         workers: decoding processes (0: decode in this process).
         device: where the model runs.
         precision: "fp32", "bf16" (autocast) or "fp16" (autocast, CUDA only).
+        flip: average the probabilities of each image and its mirror image (`class_scores`).
         rank, world: this process and the number of processes sharing the evaluation.
     """
     from .data import batches
@@ -180,8 +193,8 @@ def evaluate(
             continue
         images = torch.as_tensor(batch.images).to(device, non_blocking=True)
         with autocast(device, precision):
-            logits = model(normalize(images, prep.mean, prep.std))
-        meter.update(logits, torch.as_tensor(batch.labels))
+            scores = class_scores(model, normalize(images, prep.mean, prep.std), flip)
+        meter.update(scores, torch.as_tensor(batch.labels))
     meter.all_reduce()
     if world > 1 and dist.is_available() and dist.is_initialized():
         gathered: list[Any] = [None] * dist.get_world_size()

@@ -16,7 +16,7 @@ import torch
 from PIL import ImageDraw, ImageFont
 
 from .data.images import UnreadableImage, decode
-from .evaluate import autocast
+from .evaluate import autocast, class_scores
 from .models import VisionTransformer
 
 if TYPE_CHECKING:
@@ -72,10 +72,12 @@ def predict(
     names: list[str] | None = None,
     batch_size: int = 32,
     precision: str = "fp32",
+    flip: bool = False,
 ) -> list[Prediction]:
     """Run `model` on each image; an unreadable file gets a Prediction with `error` (why) instead of stopping.
 
     precision: "fp32", or "bf16" (autocast, as `vitkit eval --precision bf16`; a torch model only).
+    flip: average the probabilities of each image and its mirror image (`vitkit.evaluate.class_scores`).
     """
     if model.cfg.num_classes == 0:
         raise ValueError("the model has no classification head (num_classes=0); nothing to predict")
@@ -93,7 +95,7 @@ def predict(
         if not batch:
             return
         with amp:
-            probs = model(torch.stack(batch)).float().softmax(dim=-1)
+            probs = class_scores(model, torch.stack(batch), flip).softmax(dim=-1)
         top = probs.topk(k, dim=-1)
         for path, p, i in zip(batch_paths, top.values.tolist(), top.indices.tolist(), strict=True):
             results.append(Prediction(str(path), [names[j] for j in i], p))

@@ -34,6 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         limits=limits,
         name=args.name or args.model,
         precision=args.precision,
+        flip=args.flip,
     )
 
 
@@ -61,6 +62,9 @@ def add_serve(sub: Subparsers) -> None:
     p.add_argument("--name", help="what the page and GET /model call the model (default: MODEL as given)")
     p.add_argument(
         "--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, faster on CPUs with bf16 units"
+    )
+    p.add_argument(
+        "--flip", action="store_true", help="average each image's probabilities with its mirror image's (2x compute)"
     )
     add_set(p)
     p.set_defaults(func=cmd_serve)

@@ -31,7 +31,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         model = load_pretrained(args.model, **parse_overrides(args.set))
     paths = expand_images(args.images)
     targets = annotated_paths(paths, args.annotate, args.overwrite) if args.annotate else []  # before predicting
-    results = predict(model, paths, args.topk, class_names(model, args.class_index), precision=args.precision)
+    names = class_names(model, args.class_index)
+    results = predict(model, paths, args.topk, names, precision=args.precision, flip=args.flip)
     if args.annotate:
         written = [annotate(r.path, r, t) for r, t in zip(results, targets, strict=True) if not r.error]
         log.info("wrote %d annotated image(s) to %s", len(written), args.annotate)
@@ -97,8 +98,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model = load_pretrained(args.model, **parse_overrides(args.set))
     source = open_source(args.data, args.split, val_fraction=args.val_fraction, seed=args.split_seed)
     result = evaluate(
-        model, source, batch_size=args.batch_size, workers=args.workers, device=device, precision=args.precision
-    )
+        model, source, batch_size=args.batch_size, workers=args.workers, device=device, precision=args.precision,
+        flip=args.flip,
+    )  # fmt: skip
     if args.out:
         written = write_report(result, args.out)
         log.info("wrote %s", ", ".join(str(p) for p in written))
@@ -120,6 +122,9 @@ def add_predict(sub: Subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing files in the --annotate folder")
     p.add_argument(
         "--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, faster on CPUs with bf16 units"
+    )
+    p.add_argument(
+        "--flip", action="store_true", help="average each image's probabilities with its mirror image's (2x compute)"
     )
     add_set(p)
     p.add_argument(
@@ -150,6 +155,9 @@ def add_eval(sub: Subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=0, help="decoding processes (0: decode in this process)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="fp16 needs a GPU")
+    p.add_argument(
+        "--flip", action="store_true", help="average each image's probabilities with its mirror image's (2x compute)"
+    )
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N")
     p.add_argument(
         "--out", metavar="DIR", help="write metrics.json, confusion.csv, confusion.png (and skipped.tsv) here"

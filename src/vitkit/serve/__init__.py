@@ -31,7 +31,7 @@ def serve(
         port: the TCP port.
         access_log: log one line per request.
         **options: `vitkit.serve.app.create_app` options (max_batch, max_wait_ms, max_queue, limits, name,
-            precision).
+            precision, flip).
 
     Raises:
         ImportError: starlette, uvicorn or python-multipart is not installed.

@@ -37,7 +37,7 @@ from starlette.routing import Route
 
 from ..analysis import attention_rollout
 from ..data.images import UnreadableImage, decode
-from ..evaluate import autocast
+from ..evaluate import autocast, class_scores
 from ..models import VisionTransformer
 from ..predict import class_names
 from ..preprocess import crop_box
@@ -82,12 +82,12 @@ class RequestError(Exception):
         self.message = message
 
 
-def run_jobs(model: VisionTransformer, jobs: list[Job], precision: str = "fp32") -> list[Answer]:
-    """One forward pass for the whole batch; the rollout pass only for the images that asked for it. precision:
-    "fp32", or "bf16" (autocast, as `vitkit predict --precision bf16`)."""
+def run_jobs(model: VisionTransformer, jobs: list[Job], precision: str = "fp32", flip: bool = False) -> list[Answer]:
+    """One forward pass for the whole batch (two with `flip`); the rollout pass only for the images that asked for
+    it. precision and flip as `vitkit predict` takes them."""
     images = torch.stack([job.image for job in jobs])
     with torch.no_grad(), autocast("cpu", precision):
-        probs = model(images).float().softmax(dim=-1)
+        probs = class_scores(model, images, flip).softmax(dim=-1)
     wanted = [i for i, job in enumerate(jobs) if job.attention]
     rollouts: dict[int, np.ndarray] = {}
     if wanted:  # in fp32 whatever the precision: an analysis, asked for now and then
@@ -104,6 +104,7 @@ def create_app(
     limits: Limits | None = None,
     name: str | None = None,
     precision: str = "fp32",
+    flip: bool = False,
 ) -> Starlette:
     """The service for `model` (put in eval mode); the batch worker runs while the app does (its lifespan).
 
@@ -115,6 +116,7 @@ def create_app(
         limits: upload limits (defaults: 10 MiB, 40 megapixels).
         name: what /model calls the model (default: its config name).
         precision: "fp32", or "bf16" (autocast: faster on CPUs with bf16 units).
+        flip: average each image's probabilities with its mirror image's (`vitkit.evaluate.class_scores`).
     """
     if model.cfg.num_classes == 0:
         raise ValueError("the model has no classification head (num_classes=0); nothing to serve")
@@ -124,7 +126,7 @@ def create_app(
     names = class_names(model)
     channels = 1 if model.cfg.in_chans == 1 else 3
     batcher: DynamicBatcher[Job, Answer] = DynamicBatcher(
-        lambda jobs: run_jobs(model, jobs, precision), max_batch, max_wait_ms, max_queue
+        lambda jobs: run_jobs(model, jobs, precision, flip), max_batch, max_wait_ms, max_queue
     )
     page = resources.files("vitkit.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     info = {
@@ -137,6 +139,7 @@ def create_app(
         "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels},
         "batching": {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "max_queue": max_queue},
         "precision": precision,
+        "flip": flip,
     }
 
     def prepare(data: bytes) -> tuple[torch.Tensor, list[float]]:

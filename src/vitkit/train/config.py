@@ -91,6 +91,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_every: float = 1.0  # epochs between evaluations (and best-checkpoint updates); 0: only at the end
+    eval_flip: bool = False  # evaluate with each image's probabilities averaged with its mirror image's (`--flip`)
     save_every: int = 0  # optimizer steps between `last` checkpoints; 0: at each evaluation
     log_every: int = 10  # optimizer steps between metric lines
     skip_nonfinite: int = 0  # steps with a NaN/inf loss skipped (no update, a warning) before the run stops

@@ -329,7 +329,7 @@ def _evaluate(cfg, model, val_src, device, proc, step, spe, log) -> EvalResult |
     t = cfg.train
     res = evaluate(
         model, val_src, batch_size=t.batch_size, workers=cfg.data.workers, device=device, precision=t.precision,
-        rank=proc.rank, world=proc.world,
+        flip=t.eval_flip, rank=proc.rank, world=proc.world,
     )  # fmt: skip
     if log is not None:
         record = {"kind": "eval", "step": step, "epoch": step / spe, "loss": res.loss, "top1": res.top1}
