@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-# In a fresh process: the setting is process-wide and lasts, and the "before" needs glibc's defaults.
-CHECK = """
+# Run in a fresh process: the setting is process-wide and lasts, and the "before" needs glibc's defaults.
+ALLOCATE = """
 import ctypes, torch
 from vitkit.allocator import keep_freed_memory
 
@@ -26,9 +26,9 @@ def allocate():
     now = mallinfo2()
     del x
     return now.hblkhd - start.hblkhd, now.arena - start.arena
-
-print(*allocate(), keep_freed_memory(), *(n for _ in range(12) for n in allocate()))
 """
+CHECK = ALLOCATE + "print(*allocate(), keep_freed_memory(), *(n for _ in range(12) for n in allocate()))"
+CLI_CHECK = ALLOCATE + "from vitkit.cli import main\nprint(main(['-q', 'models', 'b16']), *allocate())"
 
 
 def test_large_tensors_come_from_the_heap_and_are_reused():
@@ -46,3 +46,12 @@ def test_large_tensors_come_from_the_heap_and_are_reused():
     # grow it by nothing, and all 12 by at most 4 tensors' size (without reuse: 12).
     assert grew[4:] == [0] * 8
     assert sum(grew) <= 4 * 64 * mib + mib
+
+
+def test_the_vitkit_command_keeps_freed_memory():
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("not glibc >= 2.33")
+    # Once any subcommand has run (here `vitkit models`), a 64 MiB tensor comes from the heap.
+    out = subprocess.run([sys.executable, "-c", CLI_CHECK], capture_output=True, text=True, check=True).stdout.split()
+    code, mapped, grew = out[-3:]
+    assert code == "0" and mapped == "0" and int(grew) > 0

@@ -7,8 +7,8 @@ on the 2-core machine we develop on that is a quarter of a ViT-S/16 or ViT-B/16 
 `keep_freed_memory()` glibc serves them from its heap and keeps freed memory for reuse. The price: the process
 holds on to its peak memory until it exits (the peak itself grows by 5-10%).
 
-`vitkit.train.train` and the benchmark's step functions call it; it changes nothing where the C library is not
-glibc.
+`vitkit.train.train`, the benchmark's step functions and the `vitkit` command (for every subcommand: eval,
+predict, serve, analyze...) call it; it changes nothing where the C library is not glibc.
 """
 
 from __future__ import annotations

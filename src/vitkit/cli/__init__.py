@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from ..allocator import keep_freed_memory
 from . import analyze, bench, deploy, models, run
 from .args import parse_overrides
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="vitkit: %(message)s")
+    keep_freed_memory()  # the process is the command's: large activations are reused, not faulted in per batch
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ImportError) as e:
