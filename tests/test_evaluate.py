@@ -136,6 +136,15 @@ def image_folder(root, classes=("ant", "bee", "cow"), per_class=(4, 3, 5)):
     return items
 
 
+def preprocessed(model, items) -> torch.Tensor:
+    """The images of `items` ([(path, label)]) through the model's own preprocessing, one by one."""
+    inputs = []
+    for path, _ in items:
+        with Image.open(path) as image:
+            inputs.append(model.preprocess(image))
+    return torch.stack(inputs)
+
+
 def test_evaluate_matches_a_manual_loop(tmp_path):
     pytest.importorskip("vitkit.data.loader")
     from vitkit.data import open_source
@@ -144,11 +153,7 @@ def test_evaluate_matches_a_manual_loop(tmp_path):
     (tmp_path / "val" / "bee" / "broken.png").write_bytes(b"not an image")
     model = tiny_model(3)
     with torch.no_grad():
-        inputs = []
-        for path, _ in items:
-            with Image.open(path) as image:
-                inputs.append(model.preprocess(image))
-        logits = model(torch.stack(inputs))
+        logits = model(preprocessed(model, items))
     labels = torch.tensor([label for _, label in items])
 
     result = evaluate(model, open_source(str(tmp_path), "val"), batch_size=5)
@@ -190,12 +195,8 @@ def test_evaluate_with_flip_matches_a_manual_loop(tmp_path):
 
     items = image_folder(tmp_path)
     model = tiny_model(3)
+    x = preprocessed(model, items)
     with torch.no_grad():
-        inputs = []
-        for path, _ in items:
-            with Image.open(path) as image:
-                inputs.append(model.preprocess(image))
-        x = torch.stack(inputs)
         probs = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2
     labels = torch.tensor([label for _, label in items])
     result = evaluate(model, open_source(str(tmp_path), "val"), batch_size=5, flip=True)
