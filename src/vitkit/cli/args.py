@@ -27,3 +27,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def add_set(p: argparse.ArgumentParser) -> None:
     """The `--set KEY=VALUE` option of the commands that build or load a model."""
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+
+
+def add_flip(p: argparse.ArgumentParser) -> None:
+    """The `--flip` option of the commands that classify images (`vitkit.evaluate.class_scores`)."""
+    p.add_argument(
+        "--flip", action="store_true", help="average each image's probabilities with its mirror image's (2x compute)"
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..checkpoints import load_pretrained
-from .args import Subparsers, add_set, parse_overrides
+from .args import Subparsers, add_flip, add_set, parse_overrides
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -63,8 +63,6 @@ def add_serve(sub: Subparsers) -> None:
     p.add_argument(
         "--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, faster on CPUs with bf16 units"
     )
-    p.add_argument(
-        "--flip", action="store_true", help="average each image's probabilities with its mirror image's (2x compute)"
-    )
+    add_flip(p)
     add_set(p)
     p.set_defaults(func=cmd_serve)

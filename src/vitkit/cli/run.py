@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..checkpoints import load_pretrained
 from ..train.config import list_recipes
-from .args import Subparsers, add_set, parse_overrides
+from .args import Subparsers, add_flip, add_set, parse_overrides
 
 log = logging.getLogger("vitkit")
 
@@ -123,9 +123,7 @@ def add_predict(sub: Subparsers) -> None:
     p.add_argument(
         "--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, faster on CPUs with bf16 units"
     )
-    p.add_argument(
-        "--flip", action="store_true", help="average each image's probabilities with its mirror image's (2x compute)"
-    )
+    add_flip(p)
     add_set(p)
     p.add_argument(
         "--backend", choices=["torch", "onnx"], default="torch", help="onnx: MODEL is a file from `vitkit export`"
@@ -155,9 +153,7 @@ def add_eval(sub: Subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=0, help="decoding processes (0: decode in this process)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="fp16 needs a GPU")
-    p.add_argument(
-        "--flip", action="store_true", help="average each image's probabilities with its mirror image's (2x compute)"
-    )
+    add_flip(p)
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N")
     p.add_argument(
         "--out", metavar="DIR", help="write metrics.json, confusion.csv, confusion.png (and skipped.tsv) here"
