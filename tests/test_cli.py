@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vitkit import load_pretrained
 from vitkit.cli import main
+from vitkit.evaluate import evaluate
+from vitkit.predict import predict
 
 
 def test_models_lists_variants_with_exact_counts(capsys):
@@ -137,9 +140,7 @@ def test_eval_writes_a_report(tmp_path, capsys):
     assert "10 classes, but the model has 3 outputs" in capsys.readouterr().err
 
     # --flip: the same numbers as the library's evaluation with flip=True, and not those without it.
-    from vitkit import load_pretrained
     from vitkit.data import open_source
-    from vitkit.evaluate import evaluate
 
     assert main([*args, "--json", "--flip"]) == 0
     flipped = json.loads(capsys.readouterr().out)
@@ -149,9 +150,6 @@ def test_eval_writes_a_report(tmp_path, capsys):
 
 
 def test_predict_with_flip(tmp_path, capsys):
-    from vitkit import load_pretrained
-    from vitkit.predict import predict
-
     assert main(["create", "vit_ti16", str(tmp_path / "m"), *TINY]) == 0
     path = tmp_path / "0.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(path)
