@@ -20,11 +20,12 @@ def _grads(layer: torch.nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> t
     return out.detach(), x.grad, layer.weight.grad, layer.bias.grad
 
 
-@pytest.mark.parametrize("shape", [(7, 24), (3, 401, 24)])  # 1203 rows: more than two weight-gradient chunks
-def test_onednn_linear_matches_f_linear(shape):
+@pytest.mark.parametrize("rows", [(7,), (3, 401)])  # 1203 rows: more than two weight-gradient chunks
+@pytest.mark.parametrize("features", [(24, 40), (40, 24)])  # the weight gradient's two operand orders
+def test_onednn_linear_matches_f_linear(rows, features):
     torch.manual_seed(0)
-    layer = Linear(24, 40)
-    x, g = torch.randn(shape), torch.randn(*shape[:-1], 40)
+    layer = Linear(*features)
+    x, g = torch.randn(*rows, features[0]), torch.randn(*rows, features[1])
     fast = _grads(layer, x, g)
     with reference_kernels():
         ref = _grads(layer, x, g)

@@ -35,6 +35,18 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def _weight_grad(g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """g2^T @ x2, (out, in), for g2 (M, out) and x2 (M, in), summed over chunks of rows. oneDNN copies its first
+    operand, transposed, into a contiguous block, so the narrower of the two goes first: for qkv and fc1 (out > in)
+    that is x2, and the product is x2^T @ g2 = (g2^T @ x2)^T (1.05-1.3x faster than g2 first on those layers)."""
+    first, second = (x2, g2) if g2.shape[1] > x2.shape[1] else (g2, x2)
+    total = _onednn(first[:_GRAD_CHUNK].t(), second[:_GRAD_CHUNK].t(), None)  # (a, M) @ (M, b)
+    for start in range(_GRAD_CHUNK, first.shape[0], _GRAD_CHUNK):
+        rows = slice(start, start + _GRAD_CHUNK)
+        total += _onednn(first[rows].t(), second[rows].t(), None)
+    return total.t().contiguous() if first is x2 else total
+
+
 class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -51,10 +63,7 @@ class _OneDNNLinear(torch.autograd.Function):
             grad_x = _onednn(grad, weight.t().contiguous(), None)  # (..., out) @ (out, in)
         g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])  # (M, out), (M, in)
         if ctx.needs_input_grad[1]:
-            grad_w = _onednn(g2[:_GRAD_CHUNK].t(), x2[:_GRAD_CHUNK].t(), None)  # (out, M) @ (M, in)
-            for start in range(_GRAD_CHUNK, g2.shape[0], _GRAD_CHUNK):
-                rows = slice(start, start + _GRAD_CHUNK)
-                grad_w += _onednn(g2[rows].t(), x2[rows].t(), None)
+            grad_w = _weight_grad(g2, x2)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
         return grad_x, grad_w, grad_b
