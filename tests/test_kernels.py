@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import vitkit
-from vitkit.models.kernels import attention, reference_kernels
+from vitkit.models.kernels import attention, max_pool, reference_kernels
 from vitkit.models.linear import Linear
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not built in")
@@ -171,3 +171,29 @@ def test_bf16_autocast_training_step_agrees_with_reference_kernels():
     torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-2, atol=0)
     # Gradients as a whole (single entries near zero differ relatively more in bf16).
     assert (fast_grad - ref_grad).norm() < 0.03 * ref_grad.norm()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size", [17, 12])  # the stem's SAME-padded odd size, and an even one
+def test_channels_last_max_pool_equals_the_nchw_kernel(dtype, size):
+    torch.manual_seed(0)
+    # Values on a coarse grid, after a ReLU as in the stem: many windows hold ties, at zero and above.
+    x = F.relu(torch.randint(-2, 4, (3, 5, size, size)).to(dtype))
+    g = torch.randn(3, 5, (size - 3) // 2 + 1, (size - 3) // 2 + 1).to(dtype)
+
+    def pool_and_grad():
+        leaf = x.clone().requires_grad_()
+        inner = leaf * 1  # what the stem's GroupNorm backward receives is the gradient of a non-leaf
+        grads = []
+        inner.register_hook(grads.append)
+        out = max_pool(inner, 3, 2)
+        out.backward(g)
+        return out.detach(), grads[0], type(out.grad_fn).__name__
+
+    out, grad, fast_fn = pool_and_grad()
+    assert "ChannelsLast" in fast_fn
+    with reference_kernels():
+        ref_out, ref_grad, _ = pool_and_grad()
+    assert ref_grad.abs().sum() > 0
+    assert torch.equal(out, ref_out) and torch.equal(grad, ref_grad)
+    assert out.is_contiguous() and grad.is_contiguous()  # NCHW in and out, the GroupNorms' fast layout

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import StemNumerics
+from .kernels import max_pool
 
 
 def _same_pad(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
@@ -110,7 +111,7 @@ class Stem(nn.Module):
         # The stem keeps NCHW: on CPU, GroupNorm of channels-last bf16 activations is 5-7x slower. A grey batch
         # (C = 1) is NCHW- and NHWC-contiguous at once and the convolution answers it in NHWC, hence `contiguous`.
         x = F.relu(self.norm(self.conv(x).contiguous()))
-        return F.max_pool2d(_same_pad(x, 3, 2, value=float("-inf")), 3, 2)
+        return max_pool(_same_pad(x, 3, 2, value=float("-inf")), 3, 2)
 
 
 class ResNetStem(nn.Module):
