@@ -1,11 +1,16 @@
-"""The fast CPU kernels (`Linear`'s oneDNN fp32 path, explicit bf16 attention) against PyTorch's defaults and fp64,
-and gradient checkpointing against plain backward."""
+"""The fast CPU kernels (`Linear`'s oneDNN fp32 path, the native fp32 and explicit bf16 attention) against
+PyTorch's defaults and fp64, and gradient checkpointing against plain backward."""
+
+import logging
+import os
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import vitkit
+from vitkit.models import native
 from vitkit.models.kernels import attention, max_pool, reference_kernels
 from vitkit.models.linear import Linear
 
@@ -118,24 +123,22 @@ def test_fused_gelu_matches_two_passes(approximate):
         assert torch.equal(layer.forward_gelu(x, approximate), ref)
 
 
-def _attention_and_grads(q, k, v, grad_out):
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out, _ = attention(q, k, v, 0.0, need_weights=False)
+def _attention_and_grads(qkv, heads, grad_out):
+    qkv = qkv.detach().requires_grad_()
+    out, _ = attention(qkv, heads, 0.0, need_weights=False)
     out.backward(grad_out)
-    return [t.double() for t in (out.detach(), q.grad, k.grad, v.grad)]
+    return [t.double() for t in (out.detach(), qkv.grad)], type(out.grad_fn).__name__
 
 
 @pytest.mark.parametrize("tokens", [17, 197])
 def test_bf16_training_attention_as_accurate_as_the_flash_kernel(tokens):
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, tokens, 32) * 2 for _ in range(3))
-    g = torch.randn(2, 3, tokens, 32)
-    exact = _attention_and_grads(q.double(), k.double(), v.double(), g.double())
-    bf16 = [t.bfloat16() for t in (q, k, v, g)]
-    fast = _attention_and_grads(*bf16)
+    qkv, g = torch.randn(2, tokens, 3 * 3 * 32) * 2, torch.randn(2, tokens, 3 * 32)
+    exact, _ = _attention_and_grads(qkv.double(), 3, g.double())
+    fast, _ = _attention_and_grads(qkv.bfloat16(), 3, g.bfloat16())
     with reference_kernels():
-        flash = _attention_and_grads(*bf16)
-    for name, e, a, b in zip(["out", "grad q", "grad k", "grad v"], exact, fast, flash, strict=True):
+        flash, _ = _attention_and_grads(qkv.bfloat16(), 3, g.bfloat16())
+    for name, e, a, b in zip(["out", "grad qkv"], exact, fast, flash, strict=True):
         fast_err, flash_err = (a - e).abs().mean().item(), (b - e).abs().mean().item()
         assert not torch.equal(a, b), f"{name}: the fast path did not run"
         # bf16 rounds to 8 bits: both are ~1% of the typical value; the explicit scores add one rounding.
@@ -143,13 +146,88 @@ def test_bf16_training_attention_as_accurate_as_the_flash_kernel(tokens):
         assert fast_err < 0.02 * e.abs().mean().item(), (name, fast_err)
 
 
+needs_compiler = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler to build the native attention"
+)
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    ("tokens", "heads", "head_dim"),
+    [(197, 3, 64), (17, 2, 32), (5, 1, 16), (50, 2, 80)],  # ViT's 197 tokens, the hybrid's 17, tiny, ViT-H's d = 80
+)
+def test_native_fp32_attention_as_accurate_as_the_flash_kernel(tokens, heads, head_dim):
+    torch.manual_seed(0)
+    qkv, g = torch.randn(2, tokens, 3 * heads * head_dim) * 2, torch.randn(2, tokens, heads * head_dim)
+    exact, _ = _attention_and_grads(qkv.double(), heads, g.double())
+    fast, fast_fn = _attention_and_grads(qkv, heads, g)
+    with reference_kernels():
+        flash, flash_fn = _attention_and_grads(qkv, heads, g)
+    assert "Native" in fast_fn and "Native" not in flash_fn
+    for name, e, a, b in zip(["out", "grad qkv"], exact, fast, flash, strict=True):
+        fast_err, flash_err = (a - e).abs().max().item(), (b - e).abs().max().item()
+        assert e.abs().max() > 1.0, name
+        # Both are fp32 sums over the tokens: a few 1e-6 of the largest value; a wrong mask, scale or exponential
+        # would be off by far more.
+        assert fast_err < 3 * flash_err + 1e-6, (name, fast_err, flash_err)
+        assert fast_err < 1e-5 * e.abs().max().item() * tokens**0.5, (name, fast_err)
+
+
+@needs_compiler
+def test_native_attention_same_bits_any_thread_count_and_without_autograd():
+    torch.manual_seed(0)
+    qkv = torch.randn(3, 33, 2 * 3 * 64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, _ = attention(qkv, 2, 0.0, need_weights=False)
+        torch.set_num_threads(3)  # more threads than heads for some of them, uneven shares
+        three, _ = attention(qkv.requires_grad_(), 2, 0.0, need_weights=False)
+    finally:
+        torch.set_num_threads(threads)
+    with torch.inference_mode():
+        inference, _ = attention(qkv, 2, 0.0, need_weights=False)
+    assert "Native" in type(three.grad_fn).__name__
+    assert torch.equal(one, three) and torch.equal(one, inference)
+
+
+def test_head_sizes_the_native_kernel_does_not_take_use_the_flash_kernel():
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 9, 3 * 4 * 8).requires_grad_()  # head_dim 8: not a multiple of the kernel's 16
+    out, _ = attention(qkv, 4, 0.0, need_weights=False)
+    assert "Native" not in type(out.grad_fn).__name__
+    q, k, v = qkv.view(2, 9, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    ref = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 9, 32)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_native_attention_unavailable_warns_and_falls_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("VITKIT_CACHE", str(tmp_path))
+    for compiler, expected in [(str(tmp_path / "no-such-compiler"), "unavailable"), ("false", "could not compile")]:
+        monkeypatch.setenv("CXX", compiler)
+        native.library.cache_clear()
+        try:
+            with caplog.at_level(logging.WARNING, logger="vitkit"):
+                assert native.library() is None
+            assert expected in caplog.text and "PyTorch's attention runs instead" in caplog.text
+            qkv = torch.randn(1, 5, 3 * 16)
+            out, _ = attention(qkv, 1, 0.0, need_weights=False)
+            q, k, v = qkv.view(1, 5, 3, 1, 16).permute(2, 0, 3, 1, 4)
+            torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, 5, 16))
+        finally:
+            native.library.cache_clear()
+    assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+
+
 def test_attention_weights_are_the_softmax_that_weighs_v():
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 9, 8) for _ in range(3))
-    out, attn = attention(q, k, v, 0.0, need_weights=True)
+    qkv = torch.randn(2, 9, 3 * 4 * 8)
+    out, attn = attention(qkv, 4, 0.0, need_weights=True)
+    q, k, v = qkv.view(2, 9, 3, 4, 8).permute(2, 0, 3, 1, 4)
     torch.testing.assert_close(attn.sum(-1), torch.ones(2, 4, 9))
     torch.testing.assert_close(attn, torch.softmax(q @ k.transpose(-2, -1) / 8**0.5, -1))
-    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6)
+    ref = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 9, 32)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_autocast_training_step_agrees_with_reference_kernels():

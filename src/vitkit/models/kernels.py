@@ -1,9 +1,11 @@
 """Which kernel runs a layer: faster CPU paths where PyTorch's default is slow, and the switch back to the default.
 
 - Dense layers (`linear.Linear`): fp32 CPU matmuls go to oneDNN instead of MKL's sgemm (2.2x on AMD).
-- Attention (`attention`): with bf16/fp16 on CPU and autograd recording, explicit matmuls (oneDNN's bf16 batched
-  gemm) and a softmax instead of the CPU flash kernel, whose backward is 1.5x (ViT-B/16, 197 tokens) to 9x (a
-  hybrid's 17 tokens) slower. Inference and fp32 keep the flash kernel, which is as fast or faster there.
+- Attention (`attention`): in fp32 on CPU, vitkit's own kernel (`attention.cpp`, built on first use by `native`),
+  forward and backward, about 2x PyTorch's flash kernel, whose fp32 products go to MKL's slow path on AMD. With
+  bf16/fp16 on CPU and autograd recording, explicit matmuls (oneDNN's bf16 batched gemm) and a softmax instead of
+  the flash kernel, whose backward is 1.5x (ViT-B/16, 197 tokens) to 9x (a hybrid's 17 tokens) slower; bf16
+  inference keeps the flash kernel, which is as fast or faster there.
 - Max-pooling (`max_pool`, the hybrid stem's): on CPU channels-last, forward and backward, with NCHW in and out;
   PyTorch's NCHW max-pool kernel is about 5x slower on CPU.
 
@@ -13,10 +15,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from . import native
 
 _fast = {"enabled": True}
 
@@ -45,17 +50,73 @@ def fast_cpu(x: torch.Tensor) -> bool:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, need_weights: bool
+    qkv: torch.Tensor, heads: int, dropout: float, need_weights: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """softmax(q k^T / sqrt(d)) v for (B, heads, T, d) inputs, with dropout on the probabilities; the probabilities
-    (B, heads, T, T) are returned too when `need_weights`, else None."""
+    """Multi-head softmax(q k^T / sqrt(d)) v from the fused projection `qkv` (B, T, 3 * D), its last dimension laid
+    out (q; k; v) x heads x d, with dropout on the probabilities. Returns the heads' outputs concatenated, (B, T, D),
+    and the probabilities (B, heads, T, T) when `need_weights`, else None."""
+    B, T, _ = qkv.shape
+    d = qkv.shape[-1] // (3 * heads)
+    if not need_weights and dropout == 0.0 and _native_attention(qkv, d):
+        return _NativeAttention.apply(qkv, heads), None
+    q, k, v = qkv.view(B, T, 3, heads, d).permute(2, 0, 3, 1, 4)  # 3 x (B, heads, T, d)
     explicit = need_weights or (
         fast_cpu(q) and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled() and q.requires_grad
     )
-    if not explicit:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout), None
-    attn = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, T, T)
-    return F.dropout(attn, dropout) @ v, attn
+    if explicit:
+        attn = ((q * d**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, T, T)
+        out = F.dropout(attn, dropout) @ v
+    else:
+        out, attn = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout), None
+    return out.transpose(1, 2).reshape(B, T, heads * d), attn
+
+
+def _native_attention(qkv: torch.Tensor, d: int) -> bool:
+    return (
+        fast_cpu(qkv)
+        and qkv.dtype == torch.float32
+        and d % 16 == 0  # the kernel's vectors are 16 floats
+        and not torch.is_autocast_enabled("cpu")
+        and native.library() is not None
+    )
+
+
+class _NativeAttention(torch.autograd.Function):
+    """`native`'s fp32 attention. It reads q, k and v in place from the qkv projection, writes the heads' outputs
+    straight into the (B, T, D) layout the output projection takes, and returns the gradient as one qkv tensor."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, heads: int) -> torch.Tensor:
+        qkv = qkv.contiguous()
+        B, T, _ = qkv.shape
+        d = qkv.shape[-1] // (3 * heads)
+        out = qkv.new_empty(B, T, heads, d)
+        stats = qkv.new_empty(B, heads, T, 2)  # per row: the maximum score and 1 / the sum of the exponentials
+        q, k, v = qkv.view(B, T, 3, heads, d).unbind(2)
+        _call("forward", [q, k, v, out], heads, stats)
+        ctx.save_for_backward(qkv, out, stats)
+        ctx.heads = heads
+        return out.view(B, T, heads * d)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        qkv, out, stats = ctx.saved_tensors
+        B, T, heads, d = out.shape
+        grad_qkv = torch.empty_like(qkv)
+        q, k, v = qkv.view(B, T, 3, heads, d).unbind(2)
+        dq, dk, dv = grad_qkv.view(B, T, 3, heads, d).unbind(2)
+        _call("backward", [q, k, v, out, grad.contiguous().view(B, T, heads, d), dq, dk, dv], heads, stats)
+        return grad_qkv, None
+
+
+def _call(direction: str, tensors: list[torch.Tensor], heads: int, stats: torch.Tensor) -> None:
+    """Runs the native kernel on (B, T, heads, d) views whose last dimension is contiguous."""
+    B, T, _, d = tensors[0].shape
+    pointers = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+    strides = [s for t in tensors for s in (t.stride(0), t.stride(2), t.stride(1))]  # batch, head, token
+    strides = (ctypes.c_long * len(strides))(*strides)
+    kernel = getattr(native.library(), f"vitkit_attention_{direction}")
+    kernel(pointers, strides, B, heads, T, d, d**-0.5, stats.data_ptr(), torch.get_num_threads())
 
 
 def max_pool(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:

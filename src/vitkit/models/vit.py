@@ -49,17 +49,13 @@ class Attention(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.heads = cfg.heads
-        self.head_dim = cfg.width // cfg.heads
         self.qkv = Linear(cfg.width, 3 * cfg.width, bias=cfg.qkv_bias)
         self.attn_drop = cfg.attn_dropout
         self.proj = Linear(cfg.width, cfg.width)
         self.proj_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d)
-        out, attn = attention(q, k, v, self.attn_drop if self.training else 0.0, need_weights)
-        out = out.transpose(1, 2).reshape(B, T, D)
+        out, attn = attention(self.qkv(x), self.heads, self.attn_drop if self.training else 0.0, need_weights)
         return self.proj_drop(self.proj(out)), attn
 
 

@@ -1,0 +1,236 @@
+// fp32 self-attention on the CPU, forward and backward: out = softmax(q k^T * scale) v, one head per thread at a time.
+//
+// Built on first use by vitkit/models/native.py (g++ -O3 -march=native -fopenmp, a plain C interface called through
+// ctypes). PyTorch's CPU flash-attention kernel does its fp32 products with MKL, which takes a slow generic path on
+// AMD CPUs; these register-tiled products run about twice as fast there. `vec` is GCC's portable vector extension:
+// -march=native lowers it to AVX-512, AVX2 or NEON. A head's 197 tokens fit in cache whole, so each head computes
+// its full score matrix (no online softmax); the backward recomputes it from the saved row maxima and sums.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <type_traits>
+
+typedef float vec __attribute__((vector_size(64), aligned(4)));  // 16 floats; loads and stores need not be aligned
+typedef int32_t ivec __attribute__((vector_size(64), aligned(4)));
+static const int W = 16;  // floats per vec
+static const int R = 6;   // rows per register tile: R x 4 accumulators, 4 loads and a broadcast fill 29 registers
+
+static inline vec splat(float x) { return vec{} + x; }
+
+// acc[r][u] = sum over k < K of a[r][k * lda] * b[k * ldb + u * W ...]: entries of a broadcast, rows of b loaded as
+// vectors. lda = 1 walks rows of a matrix; lda = its row stride walks its columns (a product with the transpose).
+template <int NV>
+static inline void product(const float* const* a, long lda, long K, const float* b, long ldb, vec (&acc)[R][NV]) {
+#pragma GCC unroll 6
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int u = 0; u < NV; u++) acc[r][u] = vec{};
+    for (long k = 0; k < K; k++) {
+        vec bv[NV];
+#pragma GCC unroll 4
+        for (int u = 0; u < NV; u++) bv[u] = *(const vec*)(b + k * ldb + u * W);
+#pragma GCC unroll 6
+        for (int r = 0; r < R; r++) {
+            vec av = splat(a[r][k * lda]);
+#pragma GCC unroll 4
+            for (int u = 0; u < NV; u++) acc[r][u] += av * bv[u];
+        }
+    }
+}
+
+// The M x N product of a (rows a + i * a_row, entries k * a_col along them) and b (K rows of ldb), N a multiple of
+// W, handed to store(row, column, vector of 16 results) tile by tile.
+template <class Store>
+static void gemm(const float* a, long a_row, long a_col, long M, long K, const float* b, long ldb, long N, Store store) {
+    auto tile = [&](auto nv, long i, long j, int rows, const float* const* ar) {
+        constexpr int NV = decltype(nv)::value;
+        vec acc[R][NV];
+        product<NV>(ar, a_col, K, b + j, ldb, acc);
+        for (int r = 0; r < rows; r++)
+            for (int u = 0; u < NV; u++) store(i + r, j + u * W, acc[r][u]);
+    };
+    for (long i = 0; i < M; i += R) {
+        const int rows = int(std::min<long>(R, M - i));
+        const float* ar[R];
+        for (int r = 0; r < R; r++) ar[r] = a + (i + std::min(r, rows - 1)) * a_row;  // a short tile repeats a row
+        long j = 0;
+        for (; j + 4 * W <= N; j += 4 * W) tile(std::integral_constant<int, 4>{}, i, j, rows, ar);
+        for (; j < N; j += W) tile(std::integral_constant<int, 1>{}, i, j, rows, ar);
+    }
+}
+
+// 2^x with a relative error of about 1e-7; exactly 0 for x <= -127 and -inf.
+static inline vec exp2v(vec x) {
+    const vec magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+    x = x < -127.f ? splat(-127.f) : x;
+    vec t = x + magic;
+    vec f = x - (t - magic);                          // x - round(x), in [-0.5, 0.5]
+    ivec pow2 = ((ivec)t - 0x4B400000 + 127) << 23;  // the float 2^round(x); 0 when round(x) = -127
+    // 2^f = sum over k <= 7 of (f ln 2)^k / k!, truncated after 1e-8
+    vec p = splat(1.5252733804059840e-05f);
+    p = p * f + 1.5403530393381608e-04f;
+    p = p * f + 1.3333558146428443e-03f;
+    p = p * f + 9.6181291076284772e-03f;
+    p = p * f + 5.5504108664821580e-02f;
+    p = p * f + 2.4022650695910071e-01f;
+    p = p * f + 6.9314718055994531e-01f;
+    p = p * f + 1.f;
+    return p * (vec)pow2;
+}
+
+static inline float hmax(vec x) {
+    float m = x[0];
+    for (int l = 1; l < W; l++) m = std::max(m, x[l]);
+    return m;
+}
+
+static inline float hsum(vec x) {
+    float s = 0.f;
+    for (int l = 0; l < W; l++) s += x[l];
+    return s;
+}
+
+// A (batch, heads, T, d) operand: its data and its batch, head and token strides in floats (unit stride along d).
+struct Operand {
+    float* data;
+    long batch, head, token;
+    float* at(long b, long h) const { return data + b * batch + h * head; }
+};
+
+struct Shape {
+    long heads, T, d, Tp;  // Tp: T rounded up to a multiple of W, the padded row length of the score matrices
+    float scale;           // of the logits, times log2(e): the softmax runs on 2^x
+};
+
+// The scaled and padded transpose of a (T, d) operand: d rows of Tp, zero past T.
+static void transpose(const float* x, long token, const Shape& s, float scale, float* xt) {
+    for (long j = 0; j < s.T; j++)
+        for (long c = 0; c < s.d; c++) xt[c * s.Tp + j] = x[j * token + c] * scale;
+    for (long c = 0; c < s.d; c++)
+        for (long j = s.T; j < s.Tp; j++) xt[c * s.Tp + j] = 0.f;
+}
+
+// scores[i][j] = (q_i . k_j) * scale in log2 units, -inf on the padding columns; max[i] is each row's maximum.
+static void scores(const float* q, long q_token, const float* kt, const Shape& s, float* out, vec* max) {
+    const vec lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    for (long i = 0; i < s.T; i++) max[i] = splat(-INFINITY);
+    gemm(q, q_token, 1, s.T, s.d, kt, s.Tp, s.Tp, [&](long i, long j, vec x) {
+        if (j + W > s.T) x = lane + float(j) >= float(s.T) ? splat(-INFINITY) : x;
+        *(vec*)(out + i * s.Tp + j) = x;
+        max[i] = x > max[i] ? x : max[i];
+    });
+}
+
+// Per-thread scratch: two transposed operands (d x Tp), two score matrices (T x Tp), row maxima, a row vector.
+struct Scratch {
+    float *at, *bt, *p, *dp, *row;
+    vec* max;
+    explicit Scratch(const Shape& s) {
+        const long floats = 2 * s.d * s.Tp + 2 * s.T * s.Tp + s.T + s.T * W;
+        at = static_cast<float*>(std::aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64));
+        bt = at + s.d * s.Tp;
+        p = bt + s.d * s.Tp;
+        dp = p + s.T * s.Tp;
+        row = dp + s.T * s.Tp;
+        max = reinterpret_cast<vec*>(row + s.T);
+    }
+    ~Scratch() { std::free(at); }
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+};
+
+// out = softmax(q k^T) v; stats[i] = (row maximum in log2 units, 1 / row sum), what the backward needs.
+static void forward_head(const Operand* t, long b, long h, const Shape& s, float* stats, Scratch& m) {
+    const Operand &q = t[0], &k = t[1], &v = t[2], &out = t[3];
+    transpose(k.at(b, h), k.token, s, s.scale, m.at);
+    scores(q.at(b, h), q.token, m.at, s, m.p, m.max);
+    for (long i = 0; i < s.T; i++) {
+        const float mx = hmax(m.max[i]);
+        float* row = m.p + i * s.Tp;
+        vec sum = vec{};
+        for (long j = 0; j < s.Tp; j += W) {
+            vec e = exp2v(*(vec*)(row + j) - mx);
+            *(vec*)(row + j) = e;
+            sum += e;
+        }
+        m.row[i] = 1.f / hsum(sum);
+        stats[2 * i] = mx;
+        stats[2 * i + 1] = m.row[i];
+    }
+    float* o = out.at(b, h);
+    gemm(m.p, s.Tp, 1, s.T, s.T, v.at(b, h), v.token, s.d,
+         [&](long i, long c, vec x) { *(vec*)(o + i * out.token + c) = x * m.row[i]; });
+}
+
+// With p = softmax(q k^T scale) and dp = dout v^T: ds = p * (dp - rowsum(dout * out)), dq = ds k scale,
+// dk = ds^T q scale, dv = p^T dout.
+static void backward_head(const Operand* t, long b, long h, const Shape& s, const float* stats, Scratch& m) {
+    const Operand &q = t[0], &k = t[1], &v = t[2], &out = t[3], &dout = t[4], &dq = t[5], &dk = t[6], &dv = t[7];
+    const float* qh = q.at(b, h);
+    const float* kh = k.at(b, h);
+    const float* doh = dout.at(b, h);
+    transpose(kh, k.token, s, s.scale, m.at);
+    transpose(v.at(b, h), v.token, s, 1.f, m.bt);
+    scores(qh, q.token, m.at, s, m.p, m.max);
+    for (long i = 0; i < s.T; i++) {
+        float* row = m.p + i * s.Tp;
+        for (long j = 0; j < s.Tp; j += W) *(vec*)(row + j) = exp2v(*(vec*)(row + j) - stats[2 * i]) * stats[2 * i + 1];
+        const float *go = doh + i * dout.token, *o = out.at(b, h) + i * out.token;
+        vec dot = vec{};
+        for (long c = 0; c < s.d; c += W) dot += *(const vec*)(go + c) * *(const vec*)(o + c);
+        m.row[i] = hsum(dot);
+    }
+    gemm(doh, dout.token, 1, s.T, s.d, m.bt, s.Tp, s.Tp, [&](long i, long j, vec x) {
+        const long at = i * s.Tp + j;
+        *(vec*)(m.dp + at) = *(vec*)(m.p + at) * (x - m.row[i]);  // ds, in place of dp
+    });
+    const float scale = s.scale / 1.4426950408889634f;  // the logits' own scale
+    float *gq = dq.at(b, h), *gk = dk.at(b, h), *gv = dv.at(b, h);
+    gemm(m.dp, s.Tp, 1, s.T, s.T, kh, k.token, s.d,
+         [&](long i, long c, vec x) { *(vec*)(gq + i * dq.token + c) = x * scale; });
+    gemm(m.dp, 1, s.Tp, s.T, s.T, qh, q.token, s.d,
+         [&](long j, long c, vec x) { *(vec*)(gk + j * dk.token + c) = x * scale; });
+    gemm(m.p, 1, s.Tp, s.T, s.T, doh, dout.token, s.d,
+         [&](long j, long c, vec x) { *(vec*)(gv + j * dv.token + c) = x; });
+}
+
+template <class Head>
+static void each_head(long batch, const Shape& s, int threads, Head head) {
+#pragma omp parallel num_threads(threads)
+    {
+        Scratch m(s);
+#pragma omp for schedule(static)
+        for (long bh = 0; bh < batch * s.heads; bh++) head(bh / s.heads, bh % s.heads, m);
+    }
+}
+
+static Shape shape(long heads, long T, long d, float scale) {
+    return Shape{heads, T, d, (T + W - 1) / W * W, scale * 1.4426950408889634f};
+}
+
+extern "C" {
+
+// data: q, k, v, out; strides: their (batch, head, token) strides. d must be a multiple of 16. stats: (batch, heads,
+// T, 2) floats for the backward.
+void vitkit_attention_forward(float* const* data, const long* strides, long batch, long heads, long T, long d,
+                              float scale, float* stats, int threads) {
+    Operand t[4];
+    for (int n = 0; n < 4; n++) t[n] = Operand{data[n], strides[3 * n], strides[3 * n + 1], strides[3 * n + 2]};
+    const Shape s = shape(heads, T, d, scale);
+    each_head(batch, s, threads, [&](long b, long h, Scratch& m) {
+        forward_head(t, b, h, s, stats + (b * heads + h) * T * 2, m);
+    });
+}
+
+// data: q, k, v, out, dout (read) and dq, dk, dv (written); strides as above; stats from the forward.
+void vitkit_attention_backward(float* const* data, const long* strides, long batch, long heads, long T, long d,
+                               float scale, const float* stats, int threads) {
+    Operand t[8];
+    for (int n = 0; n < 8; n++) t[n] = Operand{data[n], strides[3 * n], strides[3 * n + 1], strides[3 * n + 2]};
+    const Shape s = shape(heads, T, d, scale);
+    each_head(batch, s, threads, [&](long b, long h, Scratch& m) {
+        backward_head(t, b, h, s, stats + (b * heads + h) * T * 2, m);
+    });
+}
+}
