@@ -103,12 +103,32 @@ struct Shape {
     float scale;           // of the logits, times log2(e): the softmax runs on 2^x
 };
 
-// The scaled and padded transpose of a (T, d) operand: d rows of Tp, zero past T.
+// Transposes 16 vectors in place: 4 rounds of swapping the off-diagonal blocks of 8, 4, 2, then 1 lanes.
+template <int B>
+static inline void swap_blocks(vec (&r)[W]) {
+    constexpr ivec lo = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15};
+    const ivec from_lo = (lo & B) ? lo + 16 - B : lo;  // row i keeps its lanes without bit B, takes row i+B's
+    const ivec from_hi = (lo & B) ? lo + 16 : lo + B;  // row i+B takes row i's upper lanes, keeps its own
+    for (int i = 0; i < W; i++)
+        if (!(i & B)) {
+            const vec a = r[i], b = r[i + B];
+            r[i] = __builtin_shuffle(a, b, from_lo);
+            r[i + B] = __builtin_shuffle(a, b, from_hi);
+        }
+}
+
+// The scaled and padded transpose of a (T, d) operand: d rows of Tp, zero past T. 16 x 16 blocks, in registers.
 static void transpose(const float* x, long token, const Shape& s, float scale, float* xt) {
-    for (long j = 0; j < s.T; j++)
-        for (long c = 0; c < s.d; c++) xt[c * s.Tp + j] = x[j * token + c] * scale;
-    for (long c = 0; c < s.d; c++)
-        for (long j = s.T; j < s.Tp; j++) xt[c * s.Tp + j] = 0.f;
+    for (long j = 0; j < s.Tp; j += W)
+        for (long c = 0; c < s.d; c += W) {
+            vec r[W];
+            for (int i = 0; i < W; i++) r[i] = j + i < s.T ? *(const vec*)(x + (j + i) * token + c) * scale : vec{};
+            swap_blocks<8>(r);
+            swap_blocks<4>(r);
+            swap_blocks<2>(r);
+            swap_blocks<1>(r);
+            for (int i = 0; i < W; i++) *(vec*)(xt + (c + i) * s.Tp + j) = r[i];
+        }
 }
 
 // scores[i][j] = (q_i . k_j) * scale in log2 units, -inf on the padding columns; max[i] is each row's maximum.
