@@ -95,7 +95,6 @@ class _NativeAttention(torch.autograd.Function):
         q, k, v = qkv.view(B, T, 3, heads, d).unbind(2)
         _call("forward", [q, k, v, out], heads, stats)
         ctx.save_for_backward(qkv, out, stats)
-        ctx.heads = heads
         return out.view(B, T, heads * d)
 
     @staticmethod
