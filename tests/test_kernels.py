@@ -1,5 +1,5 @@
-"""The fast CPU kernels (`Linear`'s oneDNN fp32 path, the native fp32 and explicit bf16 attention) against
-PyTorch's defaults and fp64, and gradient checkpointing against plain backward."""
+"""The fast CPU kernels (`Linear`'s oneDNN path, the native fp32 and bf16 attention, the explicit bf16 attention)
+against PyTorch's defaults and fp64, and gradient checkpointing against plain backward."""
 
 import logging
 import os
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import vitkit
-from vitkit.models import native
+from vitkit.models import kernels, linear, native
 from vitkit.models.kernels import attention, max_pool, reference_kernels
 from vitkit.models.linear import Linear
 
@@ -47,6 +47,26 @@ def test_bias_only_training_still_gets_gradients():
     torch.testing.assert_close(layer.bias.grad, torch.full((4,), 5.0))
 
 
+def test_bf16_inference_linear_runs_on_onednn_with_the_gelu_fused(monkeypatch):
+    torch.manual_seed(0)
+    layer = Linear(96, 160).to(torch.bfloat16)
+    x = torch.randn(3, 50, 96).bfloat16()
+    exact = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    calls, original = [], linear._onednn
+    monkeypatch.setattr(linear, "_onednn", lambda *a: calls.append(1) or original(*a))
+    with torch.inference_mode():
+        plain, fused = layer(x), layer.forward_gelu(x)
+        two_passes = F.gelu(F.linear(x, layer.weight, layer.bias))
+    assert calls == [1] and plain.dtype == fused.dtype == torch.bfloat16
+    for out, want in [(plain, exact), (fused, F.gelu(exact))]:
+        # bf16 keeps 8 bits: rounding once errs by half a unit of the last place, at most 2^-8 of the value.
+        err = (out.double() - want).abs()
+        assert (err <= want.abs() * 2**-8 + 1e-6).all(), err.max()
+    # The two-pass GELU rounds twice (the product, then the GELU); the fused one rounds once.
+    fused_err, two_pass_err = (fused.double() - F.gelu(exact)).abs(), (two_passes.double() - F.gelu(exact)).abs()
+    assert fused_err.mean() < 0.9 * two_pass_err.mean(), (fused_err.mean(), two_pass_err.mean())
+
+
 def test_other_dtypes_and_autocast_take_f_linear_exactly():
     torch.manual_seed(0)
     layer, x = Linear(16, 8), torch.randn(4, 16)
@@ -76,6 +96,22 @@ def test_whole_model_logits_and_gradients_agree_with_reference():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     with torch.inference_mode():  # the no-grad path
         torch.testing.assert_close(model(x), ref_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_whole_model_bf16_inference_as_close_to_fp64_as_the_reference_path():
+    torch.manual_seed(0)
+    model = vitkit.create_model("vit_ti16", img_size=64, patch_size=8, depth=4, num_classes=10).eval()  # d = 64
+    x = torch.randn(4, 3, 64, 64)
+    with torch.inference_mode():
+        exact = model.double()(x.double())
+        model.bfloat16()
+        fast = model(x.bfloat16()).double()
+        with reference_kernels():
+            ref = model(x.bfloat16()).double()
+    assert not torch.equal(fast, ref)  # the fast kernels ran
+    fast_err, ref_err = (fast - exact).abs().mean().item(), (ref - exact).abs().mean().item()
+    assert fast_err <= 1.1 * ref_err, (fast_err, ref_err)
+    assert fast_err < 0.02 * exact.abs().mean().item(), (fast_err, exact.abs().mean().item())
 
 
 def _saved_bytes_and_grads(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
@@ -189,6 +225,26 @@ def test_native_attention_same_bits_any_thread_count_and_without_autograd():
         inference, _ = attention(qkv, 2, 0.0, need_weights=False)
     assert "Native" in type(three.grad_fn).__name__
     assert torch.equal(one, three) and torch.equal(one, inference)
+
+
+@needs_compiler
+@pytest.mark.parametrize(("tokens", "heads", "head_dim"), [(197, 3, 64), (17, 2, 32), (50, 2, 80)])
+def test_native_bf16_inference_attention_rounds_once(tokens, heads, head_dim, monkeypatch):
+    calls, original = [], kernels._native_bf16_inference
+    monkeypatch.setattr(kernels, "_native_bf16_inference", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    qkv = (torch.randn(2, tokens, 3 * heads * head_dim) * 2).bfloat16()
+    with torch.inference_mode():
+        fast, _ = attention(qkv, heads, 0.0, need_weights=False)
+        with reference_kernels():
+            flash, _ = attention(qkv, heads, 0.0, need_weights=False)
+    assert calls == [1]
+    exact, _ = attention(qkv.double(), heads, 0.0, need_weights=False)
+    fast_err, flash_err = (fast.double() - exact).abs(), (flash.double() - exact).abs()
+    # Computed in fp32 and rounded once: within half a bf16 unit (at most 2^-8 of the value) plus fp32 noise; the flash
+    # kernel rounds the probabilities to bf16 too, so it is never closer on average.
+    assert (fast_err <= exact.abs() * 2**-8 + 1e-4).all(), fast_err.max()
+    assert fast_err.mean() <= flash_err.mean()
 
 
 def test_head_sizes_the_native_kernel_does_not_take_use_the_flash_kernel():

@@ -1,4 +1,5 @@
-// fp32 self-attention on the CPU, forward and backward: out = softmax(q k^T * scale) v, one head per thread at a time.
+// fp32 self-attention on the CPU, forward and backward: out = softmax(q k^T * scale) v, one head per thread at a time;
+// and a bf16 forward for inference, which widens each head's q, k and v to fp32 and rounds the output back.
 //
 // Built on first use by vitkit/models/native.py (g++ -O3 -march=native -fopenmp, a plain C interface called through
 // ctypes). PyTorch's CPU flash-attention kernel does its fp32 products with MKL, which takes a slow generic path on
@@ -13,6 +14,8 @@
 
 typedef float vec __attribute__((vector_size(64), aligned(4)));  // 16 floats; loads and stores need not be aligned
 typedef int32_t ivec __attribute__((vector_size(64), aligned(4)));
+typedef uint32_t uvec __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t hvec __attribute__((vector_size(32), aligned(2)));  // 16 bf16 values
 static const int W = 16;  // floats per vec
 static const int R = 6;   // rows per register tile: R x 4 accumulators, 4 loads and a broadcast fill 29 registers
 
@@ -91,6 +94,18 @@ static inline float hsum(vec x) {
     return s;
 }
 
+static inline vec from_bf16(const uint16_t* x) {
+    return (vec)(__builtin_convertvector(*(const hvec*)x, uvec) << 16);
+}
+
+// Rounded to nearest even; NaN stays NaN.
+static inline void to_bf16(vec x, uint16_t* out) {
+    const uvec bits = (uvec)x;
+    uvec r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+    r = x != x ? uvec{} + 0x7FC0 : r;
+    *(hvec*)out = __builtin_convertvector(r, hvec);
+}
+
 // A (batch, heads, T, d) operand: its data and its batch, head and token strides in floats (unit stride along d).
 struct Operand {
     float* data;
@@ -142,18 +157,21 @@ static void scores(const float* q, long q_token, const float* kt, const Shape& s
     });
 }
 
-// Per-thread scratch: two transposed operands (d x Tp), two score matrices (T x Tp), row maxima, a row vector.
+// Per-thread scratch: two transposed operands (d x Tp), two score matrices (T x Tp), row maxima, a row vector;
+// for the bf16 forward also fp32 copies of a head's q, k, v and out (T x d each) and its stats.
 struct Scratch {
-    float *at, *bt, *p, *dp, *row;
+    float *at, *bt, *p, *dp, *row, *wide, *stats;
     vec* max;
-    explicit Scratch(const Shape& s) {
-        const long floats = 2 * s.d * s.Tp + 2 * s.T * s.Tp + s.T + s.T * W;
+    Scratch(const Shape& s, bool bf16) {
+        const long floats = 2 * s.d * s.Tp + 2 * s.T * s.Tp + s.T + s.T * W + (bf16 ? 4 * s.T * s.d + 2 * s.T : 0);
         at = static_cast<float*>(std::aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64));
         bt = at + s.d * s.Tp;
         p = bt + s.d * s.Tp;
         dp = p + s.T * s.Tp;
         row = dp + s.T * s.Tp;
         max = reinterpret_cast<vec*>(row + s.T);
+        wide = row + s.T + s.T * W;
+        stats = wide + 4 * s.T * s.d;
     }
     ~Scratch() { std::free(at); }
     Scratch(const Scratch&) = delete;
@@ -215,11 +233,26 @@ static void backward_head(const Operand* t, long b, long h, const Shape& s, cons
          [&](long j, long c, vec x) { *(vec*)(gv + j * dv.token + c) = x; });
 }
 
+// The bf16 forward of one head: q, k, v widened into m.wide (T x d each), the fp32 forward, out rounded back.
+static void forward_head_bf16(uint16_t* const* data, const long* strides, long b, long h, const Shape& s, Scratch& m) {
+    Operand wide[4];
+    for (int n = 0; n < 4; n++) wide[n] = Operand{m.wide + n * s.T * s.d, 0, 0, s.d};
+    for (int n = 0; n < 3; n++) {
+        const uint16_t* x = data[n] + b * strides[3 * n] + h * strides[3 * n + 1];
+        for (long i = 0; i < s.T; i++)
+            for (long c = 0; c < s.d; c += W) *(vec*)(wide[n].data + i * s.d + c) = from_bf16(x + i * strides[3 * n + 2] + c);
+    }
+    forward_head(wide, 0, 0, s, m.stats, m);
+    uint16_t* o = data[3] + b * strides[9] + h * strides[10];
+    for (long i = 0; i < s.T; i++)
+        for (long c = 0; c < s.d; c += W) to_bf16(*(const vec*)(wide[3].data + i * s.d + c), o + i * strides[11] + c);
+}
+
 template <class Head>
-static void each_head(long batch, const Shape& s, int threads, Head head) {
+static void each_head(long batch, const Shape& s, int threads, bool bf16, Head head) {
 #pragma omp parallel num_threads(threads)
     {
-        Scratch m(s);
+        Scratch m(s, bf16);
 #pragma omp for schedule(static)
         for (long bh = 0; bh < batch * s.heads; bh++) head(bh / s.heads, bh % s.heads, m);
     }
@@ -238,9 +271,16 @@ void vitkit_attention_forward(float* const* data, const long* strides, long batc
     Operand t[4];
     for (int n = 0; n < 4; n++) t[n] = Operand{data[n], strides[3 * n], strides[3 * n + 1], strides[3 * n + 2]};
     const Shape s = shape(heads, T, d, scale);
-    each_head(batch, s, threads, [&](long b, long h, Scratch& m) {
+    each_head(batch, s, threads, false, [&](long b, long h, Scratch& m) {
         forward_head(t, b, h, s, stats + (b * heads + h) * T * 2, m);
     });
+}
+
+// The same for bf16 q, k, v and out (strides in bf16 elements), for inference: no stats.
+void vitkit_attention_forward_bf16(uint16_t* const* data, const long* strides, long batch, long heads, long T, long d,
+                                   float scale, int threads) {
+    const Shape s = shape(heads, T, d, scale);
+    each_head(batch, s, threads, true, [&](long b, long h, Scratch& m) { forward_head_bf16(data, strides, b, h, s, m); });
 }
 
 // data: q, k, v, out, dout (read) and dq, dk, dv (written); strides as above; stats from the forward.
@@ -249,7 +289,7 @@ void vitkit_attention_backward(float* const* data, const long* strides, long bat
     Operand t[8];
     for (int n = 0; n < 8; n++) t[n] = Operand{data[n], strides[3 * n], strides[3 * n + 1], strides[3 * n + 2]};
     const Shape s = shape(heads, T, d, scale);
-    each_head(batch, s, threads, [&](long b, long h, Scratch& m) {
+    each_head(batch, s, threads, false, [&](long b, long h, Scratch& m) {
         backward_head(t, b, h, s, stats + (b * heads + h) * T * 2, m);
     });
 }

@@ -2,10 +2,10 @@
 
 - Dense layers (`linear.Linear`): fp32 CPU matmuls go to oneDNN instead of MKL's sgemm (2.2x on AMD).
 - Attention (`attention`): in fp32 on CPU, vitkit's own kernel (`attention.cpp`, built on first use by `native`),
-  forward and backward, about 2x PyTorch's flash kernel, whose fp32 products go to MKL's slow path on AMD. With
-  bf16/fp16 on CPU and autograd recording, explicit matmuls (oneDNN's bf16 batched gemm) and a softmax instead of
-  the flash kernel, whose backward is 1.5x (ViT-B/16, 197 tokens) to 9x (a hybrid's 17 tokens) slower; bf16
-  inference keeps the flash kernel, which is as fast or faster there.
+  forward and backward, about 2x PyTorch's flash kernel, whose fp32 products go to MKL's slow path on AMD; bf16
+  inference takes the same kernel's bf16 forward (fp32 inside). With bf16/fp16 on CPU and autograd recording,
+  explicit matmuls (oneDNN's bf16 batched gemm) and a softmax instead of the flash kernel, whose backward is 1.5x
+  (ViT-B/16, 197 tokens) to 9x (a hybrid's 17 tokens) slower.
 - Max-pooling (`max_pool`, the hybrid stem's): on CPU channels-last, forward and backward, with NCHW in and out;
   PyTorch's NCHW max-pool kernel is about 5x slower on CPU.
 
@@ -58,6 +58,8 @@ def attention(
     B, T, _ = qkv.shape
     d = qkv.shape[-1] // (3 * heads)
     if not need_weights and dropout == 0.0 and _native_attention(qkv, d):
+        if qkv.dtype == torch.bfloat16:
+            return _native_bf16_inference(qkv, heads), None
         return _NativeAttention.apply(qkv, heads), None
     q, k, v = qkv.view(B, T, 3, heads, d).permute(2, 0, 3, 1, 4)  # 3 x (B, heads, T, d)
     explicit = need_weights or (
@@ -72,11 +74,14 @@ def attention(
 
 
 def _native_attention(qkv: torch.Tensor, d: int) -> bool:
+    if qkv.dtype == torch.float32:
+        supported = not torch.is_autocast_enabled("cpu")
+    else:  # bf16: a forward only, so not while autograd records
+        supported = qkv.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and qkv.requires_grad)
     return (
-        fast_cpu(qkv)
-        and qkv.dtype == torch.float32
+        supported
+        and fast_cpu(qkv)
         and d % 16 == 0  # the kernel's vectors are 16 floats
-        and not torch.is_autocast_enabled("cpu")
         and native.library() is not None
     )
 
@@ -93,7 +98,7 @@ class _NativeAttention(torch.autograd.Function):
         out = qkv.new_empty(B, T, heads, d)
         stats = qkv.new_empty(B, heads, T, 2)  # per row: the maximum score and 1 / the sum of the exponentials
         q, k, v = qkv.view(B, T, 3, heads, d).unbind(2)
-        _call("forward", [q, k, v, out], heads, stats)
+        _call("forward", [q, k, v, out], heads, stats.data_ptr())
         ctx.save_for_backward(qkv, out, stats)
         return out.view(B, T, heads * d)
 
@@ -104,18 +109,30 @@ class _NativeAttention(torch.autograd.Function):
         grad_qkv = torch.empty_like(qkv)
         q, k, v = qkv.view(B, T, 3, heads, d).unbind(2)
         dq, dk, dv = grad_qkv.view(B, T, 3, heads, d).unbind(2)
-        _call("backward", [q, k, v, out, grad.contiguous().view(B, T, heads, d), dq, dk, dv], heads, stats)
+        _call("backward", [q, k, v, out, grad.contiguous().view(B, T, heads, d), dq, dk, dv], heads, stats.data_ptr())
         return grad_qkv, None
 
 
-def _call(direction: str, tensors: list[torch.Tensor], heads: int, stats: torch.Tensor) -> None:
-    """Runs the native kernel on (B, T, heads, d) views whose last dimension is contiguous."""
+def _native_bf16_inference(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """`native`'s bf16 forward: q, k and v widened to fp32 head by head in the kernel, the output rounded once."""
+    qkv = qkv.contiguous()
+    B, T, _ = qkv.shape
+    d = qkv.shape[-1] // (3 * heads)
+    out = qkv.new_empty(B, T, heads, d)
+    q, k, v = qkv.view(B, T, 3, heads, d).unbind(2)
+    _call("forward_bf16", [q, k, v, out], heads)
+    return out.view(B, T, heads * d)
+
+
+def _call(kernel: str, tensors: list[torch.Tensor], heads: int, *stats: int) -> None:
+    """Runs a native kernel on (B, T, heads, d) views whose last dimension is contiguous; `stats`: the pointer to
+    the forward's row statistics, for the fp32 kernels."""
     B, T, _, d = tensors[0].shape
     pointers = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
     strides = [s for t in tensors for s in (t.stride(0), t.stride(2), t.stride(1))]  # batch, head, token
     strides = (ctypes.c_long * len(strides))(*strides)
-    kernel = getattr(native.library(), f"vitkit_attention_{direction}")
-    kernel(pointers, strides, B, heads, T, d, d**-0.5, stats.data_ptr(), torch.get_num_threads())
+    run = getattr(native.library(), f"vitkit_attention_{kernel}")
+    run(pointers, strides, B, heads, T, d, d**-0.5, *stats, torch.get_num_threads())
 
 
 def max_pool(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:

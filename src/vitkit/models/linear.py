@@ -3,7 +3,9 @@
 On x86 CPUs PyTorch sends fp32 `F.linear` to MKL's sgemm. On AMD processors MKL takes a slow code path: on the
 2-core Zen 5 we develop on it reaches about 190 GFLOP/s where oneDNN's matmul (the library PyTorch already uses
 for convolutions and bf16 matmuls) reaches about 440. `Linear` sends fp32 CPU work to oneDNN, forward and
-backward, and everything else (bf16, autocast, CUDA, tracing for export or torch.compile) to `F.linear`.
+backward, and bf16 inference too (bf16 weights and inputs: oneDNN fuses fc1's GELU, which PyTorch runs as a second
+pass over the bf16 output). Everything else (autocast, bf16 training, CUDA, tracing for export or torch.compile)
+goes to `F.linear`.
 `kernels.reference_kernels()` turns the fast path off, for a numerics check or a comparison.
 """
 
@@ -25,11 +27,11 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _use_onednn(x: torch.Tensor, weight: torch.Tensor, needs_grad: bool) -> bool:
     return (
         fast_cpu(x)
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
+        and x.dtype == weight.dtype
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and not needs_grad))
         and not torch.is_autocast_enabled("cpu")
         and torch.backends.mkldnn.is_available()
     )
@@ -73,17 +75,19 @@ class Linear(nn.Linear):
     """`nn.Linear` (same parameters, same state-dict keys) with the oneDNN fp32 path on CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _use_onednn(x, self.weight):
+        needs_grad = self._needs_grad(x)
+        if not _use_onednn(x, self.weight, needs_grad):
             return F.linear(x, self.weight, self.bias)
         x = x.contiguous()
-        if self._needs_grad(x):
+        if needs_grad:
             return _OneDNNLinear.apply(x, self.weight, self.bias)
         return _onednn(x, self.weight, self.bias)
 
     def forward_gelu(self, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
         """gelu(self(x)). Without autograd on the oneDNN path the GELU runs inside the matmul kernel (about 15%
-        faster than two passes for ViT-B's fc1, with the same error against fp64)."""
-        if not _use_onednn(x, self.weight) or self._needs_grad(x):
+        faster than two passes for ViT-B's fc1 in fp32, with the same error against fp64; in bf16 also one rounding
+        less)."""
+        if self._needs_grad(x) or not _use_onednn(x, self.weight, needs_grad=False):
             return F.gelu(self(x), approximate=approximate)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "gelu", [], approximate)
 

@@ -82,7 +82,8 @@ def library() -> ctypes.CDLL | None:
     except OSError as e:  # no compiler, an unwritable cache folder, a library that does not load
         log.warning("vitkit: the native attention kernel is unavailable (%s), so PyTorch's attention runs instead", e)
         return None
-    signature = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_long] * 4, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    shape = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_long] * 4, ctypes.c_float]  # data, strides, B, H, T, d, scale
     for fn in (lib.vitkit_attention_forward, lib.vitkit_attention_backward):
-        fn.argtypes, fn.restype = signature, None
+        fn.argtypes, fn.restype = [*shape, ctypes.c_void_p, ctypes.c_int], None  # stats, threads
+    lib.vitkit_attention_forward_bf16.argtypes, lib.vitkit_attention_forward_bf16.restype = [*shape, ctypes.c_int], None
     return lib
