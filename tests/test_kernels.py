@@ -241,8 +241,8 @@ def test_native_bf16_inference_attention_rounds_once(tokens, heads, head_dim, mo
     assert calls == [1]
     exact, _ = attention(qkv.double(), heads, 0.0, need_weights=False)
     fast_err, flash_err = (fast.double() - exact).abs(), (flash.double() - exact).abs()
-    # Computed in fp32 and rounded once: within half a bf16 unit (at most 2^-8 of the value) plus fp32 noise; the flash
-    # kernel rounds the probabilities to bf16 too, so it is never closer on average.
+    # Computed in fp32 and rounded once: within half a bf16 unit (at most 2^-8 of the value) plus fp32 noise; the
+    # flash kernel rounds the probabilities to bf16 too, so it is never closer on average.
     assert (fast_err <= exact.abs() * 2**-8 + 1e-4).all(), fast_err.max()
     assert fast_err.mean() <= flash_err.mean()
 

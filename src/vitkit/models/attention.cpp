@@ -240,12 +240,14 @@ static void forward_head_bf16(uint16_t* const* data, const long* strides, long b
     for (int n = 0; n < 3; n++) {
         const uint16_t* x = data[n] + b * strides[3 * n] + h * strides[3 * n + 1];
         for (long i = 0; i < s.T; i++)
-            for (long c = 0; c < s.d; c += W) *(vec*)(wide[n].data + i * s.d + c) = from_bf16(x + i * strides[3 * n + 2] + c);
+            for (long c = 0; c < s.d; c += W)
+                *(vec*)(wide[n].data + i * s.d + c) = from_bf16(x + i * strides[3 * n + 2] + c);
     }
     forward_head(wide, 0, 0, s, m.stats, m);
     uint16_t* o = data[3] + b * strides[9] + h * strides[10];
     for (long i = 0; i < s.T; i++)
-        for (long c = 0; c < s.d; c += W) to_bf16(*(const vec*)(wide[3].data + i * s.d + c), o + i * strides[11] + c);
+        for (long c = 0; c < s.d; c += W)
+            to_bf16(*(const vec*)(wide[3].data + i * s.d + c), o + i * strides[11] + c);
 }
 
 template <class Head>
@@ -280,7 +282,8 @@ void vitkit_attention_forward(float* const* data, const long* strides, long batc
 void vitkit_attention_forward_bf16(uint16_t* const* data, const long* strides, long batch, long heads, long T, long d,
                                    float scale, int threads) {
     const Shape s = shape(heads, T, d, scale);
-    each_head(batch, s, threads, true, [&](long b, long h, Scratch& m) { forward_head_bf16(data, strides, b, h, s, m); });
+    each_head(batch, s, threads, true,
+              [&](long b, long h, Scratch& m) { forward_head_bf16(data, strides, b, h, s, m); });
 }
 
 // data: q, k, v, out, dout (read) and dq, dk, dv (written); strides as above; stats from the forward.

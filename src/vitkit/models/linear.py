@@ -72,7 +72,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, same state-dict keys) with the oneDNN fp32 path on CPU."""
+    """`nn.Linear` (same parameters, same state-dict keys) with the oneDNN path on CPU (fp32; bf16 inference)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         needs_grad = self._needs_grad(x)
