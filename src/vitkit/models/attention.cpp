@@ -170,8 +170,8 @@ struct Scratch {
         dp = p + s.T * s.Tp;
         row = dp + s.T * s.Tp;
         max = reinterpret_cast<vec*>(row + s.T);
-        wide = row + s.T + s.T * W;
-        stats = wide + 4 * s.T * s.d;
+        wide = bf16 ? row + s.T + s.T * W : nullptr;  // not allocated for the fp32 kernels
+        stats = bf16 ? wide + 4 * s.T * s.d : nullptr;
     }
     ~Scratch() { std::free(at); }
     Scratch(const Scratch&) = delete;
