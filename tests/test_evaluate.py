@@ -1,5 +1,6 @@
 import csv
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -9,7 +10,16 @@ import torch.nn.functional as F
 from PIL import Image
 from randomized import randomized
 
-from vitkit.evaluate import EvalResult, Meter, class_scores, evaluate, summary, write_report
+from vitkit.evaluate import (
+    EvalResult,
+    Meter,
+    _warn_slow_bf16,
+    autocast,
+    class_scores,
+    evaluate,
+    summary,
+    write_report,
+)
 from vitkit.models import resolve_config
 from vitkit.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
@@ -224,3 +234,17 @@ def test_evaluate_needs_labels(tmp_path):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
     with pytest.raises(ValueError, match=r"1 unlabelled image\(s\)"):
         evaluate(tiny_model(1), open_source(str(tmp_path), "infer"))
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_runs_and_warns_once(native_bf16, monkeypatch, caplog):
+    monkeypatch.setattr("vitkit.evaluate.onednn_matmul", lambda dtype: native_bf16)
+    _warn_slow_bf16.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="vitkit"):
+        for _ in range(2):
+            with autocast("cpu", "bf16"):
+                assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    warnings = [r.getMessage() for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(warnings) == (0 if native_bf16 else 1)
+    assert native_bf16 or "--set train.precision=fp32" in warnings[0]
+    _warn_slow_bf16.cache_clear()

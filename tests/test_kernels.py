@@ -25,13 +25,29 @@ def _grads(layer: torch.nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> t
     return out.detach(), x.grad, layer.weight.grad, layer.bias.grad
 
 
+@pytest.fixture
+def onednn_fp32(monkeypatch):
+    """`Linear`'s fp32 oneDNN path on wherever oneDNN is built in. `onednn_matmul` leaves it off on CPUs without
+    AVX-512, where MKL is faster, but the path's numerics are checked on every machine."""
+    original = linear.onednn_matmul
+    monkeypatch.setattr(linear, "onednn_matmul", lambda dtype: dtype == torch.float32 or original(dtype))
+
+
+def _spy_onednn(monkeypatch) -> list[int]:
+    calls, original = [], linear._onednn
+    monkeypatch.setattr(linear, "_onednn", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
 @pytest.mark.parametrize("rows", [(7,), (3, 401)])  # 1203 rows: more than two weight-gradient chunks
 @pytest.mark.parametrize("features", [(24, 40), (40, 24)])  # the weight gradient's two operand orders
-def test_onednn_linear_matches_f_linear(rows, features):
+def test_onednn_linear_matches_f_linear(rows, features, onednn_fp32, monkeypatch):
     torch.manual_seed(0)
     layer = Linear(*features)
     x, g = torch.randn(*rows, features[0]), torch.randn(*rows, features[1])
+    calls = _spy_onednn(monkeypatch)
     fast = _grads(layer, x, g)
+    assert len(calls) >= 3  # forward, input gradient, weight gradient
     with reference_kernels():
         ref = _grads(layer, x, g)
     for a, b, name in zip(fast, ref, ["out", "grad x", "grad weight", "grad bias"], strict=True):
@@ -47,13 +63,15 @@ def test_bias_only_training_still_gets_gradients():
     torch.testing.assert_close(layer.bias.grad, torch.full((4,), 5.0))
 
 
+@pytest.mark.skipif(
+    not kernels.onednn_matmul(torch.bfloat16), reason="oneDNN computes no bf16 on this CPU (it needs AVX-512)"
+)
 def test_bf16_inference_linear_runs_on_onednn_with_the_gelu_fused(monkeypatch):
     torch.manual_seed(0)
     layer = Linear(96, 160).to(torch.bfloat16)
     x = torch.randn(3, 50, 96).bfloat16()
     exact = F.linear(x.double(), layer.weight.double(), layer.bias.double())
-    calls, original = [], linear._onednn
-    monkeypatch.setattr(linear, "_onednn", lambda *a: calls.append(1) or original(*a))
+    calls = _spy_onednn(monkeypatch)
     with torch.inference_mode():
         plain, fused = layer(x), layer.forward_gelu(x)
         two_passes = F.gelu(F.linear(x, layer.weight, layer.bias))
@@ -67,6 +85,30 @@ def test_bf16_inference_linear_runs_on_onednn_with_the_gelu_fused(monkeypatch):
     assert fused_err.mean() < 0.9 * two_pass_err.mean(), (fused_err.mean(), two_pass_err.mean())
 
 
+def test_cpus_where_onednn_is_slower_or_refuses_take_f_linear_exactly(monkeypatch):
+    monkeypatch.setattr(linear, "onednn_matmul", lambda dtype: False)  # an AVX2-only CPU
+    calls = _spy_onednn(monkeypatch)
+    torch.manual_seed(0)
+    layer, x = Linear(16, 8), torch.randn(4, 16)
+    want = F.linear(x, layer.weight, layer.bias)
+    assert torch.equal(layer(x), want) and torch.equal(layer.forward_gelu(x), F.gelu(want))
+    with torch.inference_mode():
+        layer_bf16, xb = Linear(16, 8).to(torch.bfloat16), x.bfloat16()
+        assert torch.equal(layer_bf16.forward_gelu(xb), F.gelu(F.linear(xb, layer_bf16.weight, layer_bf16.bias)))
+    assert calls == []
+
+
+def test_onednn_takes_fp32_with_avx512_and_bf16_where_it_computes_it(monkeypatch, request):
+    request.addfinalizer(kernels.onednn_matmul.cache_clear)  # later tests ask this machine again
+    kernels.onednn_matmul.cache_clear()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not kernels.onednn_matmul(torch.float32)
+    kernels.onednn_matmul.cache_clear()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert kernels.onednn_matmul(torch.float32) and not kernels.onednn_matmul(torch.float16)
+    assert kernels.onednn_matmul(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def test_other_dtypes_and_autocast_take_f_linear_exactly():
     torch.manual_seed(0)
     layer, x = Linear(16, 8), torch.randn(4, 16)
@@ -77,7 +119,7 @@ def test_other_dtypes_and_autocast_take_f_linear_exactly():
     assert torch.equal(layer_bf16(xb), F.linear(xb, layer_bf16.weight, layer_bf16.bias))
 
 
-def test_whole_model_logits_and_gradients_agree_with_reference():
+def test_whole_model_logits_and_gradients_agree_with_reference(onednn_fp32):
     torch.manual_seed(0)
     model = vitkit.create_model("vit_ti16", img_size=32, patch_size=8, num_classes=10, representation_size=48)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])

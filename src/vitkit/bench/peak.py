@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.kernels import onednn_matmul
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -43,10 +45,15 @@ class Peak:
         return max(self.kernels, key=self.kernels.__getitem__)
 
 
-def matmul_kernels(device: torch.device) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """The matrix-multiply kernels worth measuring on `device`, by name."""
+def matmul_kernels(
+    device: torch.device, dtype: str = "fp32"
+) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """The matrix-multiply kernels worth measuring on `device` for `dtype`, by name. oneDNN is measured for fp32
+    wherever it is built in (the peak is the faster kernel's, whichever `Linear` takes), and for bf16 where it
+    computes bf16 (without AVX-512 it refuses)."""
     kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"torch.matmul": torch.matmul}
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    onednn = torch.backends.mkldnn.is_available() and (dtype == "fp32" or onednn_matmul(DTYPES[dtype]))
+    if device.type == "cpu" and onednn:
         # y = x @ w.T with no bias and no fused activation; w.T of a random square matrix costs the same as w.
         kernels["onednn.linear"] = lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
     return kernels
@@ -75,7 +82,7 @@ def matmul_peak(
     b = torch.randn(n, n, generator=gen).to(device, DTYPES[dtype])
     flops = 2 * n**3
     kernels = {}
-    for name, kernel in matmul_kernels(device).items():
+    for name, kernel in matmul_kernels(device, dtype).items():
         for _ in range(2):  # warm-up: first-call dispatch, oneDNN primitive creation, cuBLAS handles
             kernel(a, b)
         best = float("inf")

@@ -12,53 +12,70 @@
 #include <cstdlib>
 #include <type_traits>
 
-typedef float vec __attribute__((vector_size(64), aligned(4)));  // 16 floats; loads and stores need not be aligned
-typedef int32_t ivec __attribute__((vector_size(64), aligned(4)));
-typedef uint32_t uvec __attribute__((vector_size(64), aligned(4)));
-typedef uint16_t hvec __attribute__((vector_size(32), aligned(2)));  // 16 bf16 values
+// The vector width follows the target: 16 floats with AVX-512 (32 registers), else 8 (AVX2 has 16 registers; NEON
+// pairs its 128-bit ones). A register tile is R rows of NV vectors: with AVX-512 6 x 4 accumulators, 4 loads and a
+// broadcast fill 29 of the 32 registers; with 8-float vectors 6 x 2 + 2 + 1 fill 15 of 16. A 16-float tile on AVX2
+// would spill every accumulator (that build ran 19x slower than PyTorch's kernel on a Zen 3).
+#if defined(__AVX512F__)
 static const int W = 16;  // floats per vec
-static const int R = 6;   // rows per register tile: R x 4 accumulators, 4 loads and a broadcast fill 29 registers
+static const int NV = 4;  // vectors per tile row
+#else
+static const int W = 8;
+static const int NV = 2;
+#endif
+static const int R = 6;  // rows per register tile
+typedef float vec __attribute__((vector_size(4 * W), aligned(4)));  // loads and stores need not be aligned
+typedef int32_t ivec __attribute__((vector_size(4 * W), aligned(4)));
+typedef uint32_t uvec __attribute__((vector_size(4 * W), aligned(4)));
+typedef uint16_t hvec __attribute__((vector_size(2 * W), aligned(2)));  // W bf16 values
 
 static inline vec splat(float x) { return vec{} + x; }
 
+// {0, 1, ..., W - 1}
+static inline ivec lanes() {
+    ivec x{};
+    for (int l = 0; l < W; l++) x[l] = l;
+    return x;
+}
+
 // acc[r][u] = sum over k < K of a[r][k * lda] * b[k * ldb + u * W ...]: entries of a broadcast, rows of b loaded as
 // vectors. lda = 1 walks rows of a matrix; lda = its row stride walks its columns (a product with the transpose).
-template <int NV>
-static inline void product(const float* const* a, long lda, long K, const float* b, long ldb, vec (&acc)[R][NV]) {
+template <int N>
+static inline void product(const float* const* a, long lda, long K, const float* b, long ldb, vec (&acc)[R][N]) {
 #pragma GCC unroll 6
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
-        for (int u = 0; u < NV; u++) acc[r][u] = vec{};
+        for (int u = 0; u < N; u++) acc[r][u] = vec{};
     for (long k = 0; k < K; k++) {
-        vec bv[NV];
+        vec bv[N];
 #pragma GCC unroll 4
-        for (int u = 0; u < NV; u++) bv[u] = *(const vec*)(b + k * ldb + u * W);
+        for (int u = 0; u < N; u++) bv[u] = *(const vec*)(b + k * ldb + u * W);
 #pragma GCC unroll 6
         for (int r = 0; r < R; r++) {
             vec av = splat(a[r][k * lda]);
 #pragma GCC unroll 4
-            for (int u = 0; u < NV; u++) acc[r][u] += av * bv[u];
+            for (int u = 0; u < N; u++) acc[r][u] += av * bv[u];
         }
     }
 }
 
 // The M x N product of a (rows a + i * a_row, entries k * a_col along them) and b (K rows of ldb), N a multiple of
-// W, handed to store(row, column, vector of 16 results) tile by tile.
+// W, handed to store(row, column, vector of W results) tile by tile.
 template <class Store>
 static void gemm(const float* a, long a_row, long a_col, long M, long K, const float* b, long ldb, long N, Store store) {
     auto tile = [&](auto nv, long i, long j, int rows, const float* const* ar) {
-        constexpr int NV = decltype(nv)::value;
-        vec acc[R][NV];
-        product<NV>(ar, a_col, K, b + j, ldb, acc);
+        constexpr int N = decltype(nv)::value;
+        vec acc[R][N];
+        product<N>(ar, a_col, K, b + j, ldb, acc);
         for (int r = 0; r < rows; r++)
-            for (int u = 0; u < NV; u++) store(i + r, j + u * W, acc[r][u]);
+            for (int u = 0; u < N; u++) store(i + r, j + u * W, acc[r][u]);
     };
     for (long i = 0; i < M; i += R) {
         const int rows = int(std::min<long>(R, M - i));
         const float* ar[R];
         for (int r = 0; r < R; r++) ar[r] = a + (i + std::min(r, rows - 1)) * a_row;  // a short tile repeats a row
         long j = 0;
-        for (; j + 4 * W <= N; j += 4 * W) tile(std::integral_constant<int, 4>{}, i, j, rows, ar);
+        for (; j + NV * W <= N; j += NV * W) tile(std::integral_constant<int, NV>{}, i, j, rows, ar);
         for (; j < N; j += W) tile(std::integral_constant<int, 1>{}, i, j, rows, ar);
     }
 }
@@ -118,12 +135,12 @@ struct Shape {
     float scale;           // of the logits, times log2(e): the softmax runs on 2^x
 };
 
-// Transposes 16 vectors in place: 4 rounds of swapping the off-diagonal blocks of 8, 4, 2, then 1 lanes.
+// One round of transposing W vectors in place: swapping the off-diagonal blocks of B lanes (B = W/2, ..., 2, 1).
 template <int B>
 static inline void swap_blocks(vec (&r)[W]) {
-    constexpr ivec lo = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15};
-    const ivec from_lo = (lo & B) ? lo + 16 - B : lo;  // row i keeps its lanes without bit B, takes row i+B's
-    const ivec from_hi = (lo & B) ? lo + 16 : lo + B;  // row i+B takes row i's upper lanes, keeps its own
+    const ivec lo = lanes();
+    const ivec from_lo = (lo & B) ? lo + W - B : lo;  // row i keeps its lanes without bit B, takes row i+B's
+    const ivec from_hi = (lo & B) ? lo + W : lo + B;  // row i+B takes row i's upper lanes, keeps its own
     for (int i = 0; i < W; i++)
         if (!(i & B)) {
             const vec a = r[i], b = r[i + B];
@@ -132,23 +149,27 @@ static inline void swap_blocks(vec (&r)[W]) {
         }
 }
 
-// The scaled and padded transpose of a (T, d) operand: d rows of Tp, zero past T. 16 x 16 blocks, in registers.
+// Transposes W vectors in place: rounds of B = W/2, ..., 2, 1 lanes.
+template <int B>
+static inline void transpose_rounds(vec (&r)[W]) {
+    swap_blocks<B>(r);
+    if constexpr (B > 1) transpose_rounds<B / 2>(r);
+}
+
+// The scaled and padded transpose of a (T, d) operand: d rows of Tp, zero past T. W x W blocks, in registers.
 static void transpose(const float* x, long token, const Shape& s, float scale, float* xt) {
     for (long j = 0; j < s.Tp; j += W)
         for (long c = 0; c < s.d; c += W) {
             vec r[W];
             for (int i = 0; i < W; i++) r[i] = j + i < s.T ? *(const vec*)(x + (j + i) * token + c) * scale : vec{};
-            swap_blocks<8>(r);
-            swap_blocks<4>(r);
-            swap_blocks<2>(r);
-            swap_blocks<1>(r);
+            transpose_rounds<W / 2>(r);
             for (int i = 0; i < W; i++) *(vec*)(xt + (c + i) * s.Tp + j) = r[i];
         }
 }
 
 // scores[i][j] = (q_i . k_j) * scale in log2 units, -inf on the padding columns; max[i] is each row's maximum.
 static void scores(const float* q, long q_token, const float* kt, const Shape& s, float* out, vec* max) {
-    const vec lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const vec lane = __builtin_convertvector(lanes(), vec);
     for (long i = 0; i < s.T; i++) max[i] = splat(-INFINITY);
     gemm(q, q_token, 1, s.T, s.d, kt, s.Tp, s.Tp, [&](long i, long j, vec x) {
         if (j + W > s.T) x = lane + float(j) >= float(s.T) ? splat(-INFINITY) : x;
@@ -266,8 +287,8 @@ static Shape shape(long heads, long T, long d, float scale) {
 
 extern "C" {
 
-// data: q, k, v, out; strides: their (batch, head, token) strides. d must be a multiple of 16. stats: (batch, heads,
-// T, 2) floats for the backward.
+// data: q, k, v, out; strides: their (batch, head, token) strides. d must be a multiple of W (16 serves every
+// build). stats: (batch, heads, T, 2) floats for the backward.
 void vitkit_attention_forward(float* const* data, const long* strides, long batch, long heads, long T, long d,
                               float scale, float* stats, int threads) {
     Operand t[4];

@@ -1,6 +1,7 @@
 """Which kernel runs a layer: faster CPU paths where PyTorch's default is slow, and the switch back to the default.
 
-- Dense layers (`linear.Linear`): fp32 CPU matmuls go to oneDNN instead of MKL's sgemm (2.2x on AMD).
+- Dense layers (`linear.Linear`): fp32 CPU matmuls go to oneDNN instead of MKL's sgemm where that is faster
+  (`onednn_matmul`: 2.2x on AMD CPUs with AVX-512), and so does bf16 inference where oneDNN computes bf16.
 - Attention (`attention`): in fp32 on CPU, vitkit's own kernel (`attention.cpp`, built on first use by `native`),
   forward and backward, about 2x PyTorch's flash kernel, whose fp32 products go to MKL's slow path on AMD; bf16
   inference takes the same kernel's bf16 forward (fp32 inside). With bf16/fp16 on CPU and autograd recording,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -47,6 +49,23 @@ def fast_cpu(x: torch.Tensor) -> bool:
         and not torch.compiler.is_compiling()  # also true while torch.export traces for ONNX
         and not torch.jit.is_tracing()
     )
+
+
+@functools.cache
+def onednn_matmul(dtype: torch.dtype) -> bool:
+    """Whether `Linear` sends CPU matmuls of `dtype` to oneDNN rather than PyTorch's default (MKL for fp32).
+
+    fp32: where MKL's sgemm takes its generic code path, AMD CPUs with AVX-512: on a 2-thread Zen 5 oneDNN reaches
+    425 GFLOP/s and MKL 187. On an AVX2 CPU MKL's path is the faster one (a Zen 3: 171 against 136; ViT-S/16
+    inference 0.87x through oneDNN), so it keeps MKL. bf16: where oneDNN computes bf16 at all (AVX-512; the bf16
+    instructions or AMX make it faster); without AVX-512 it refuses bf16 matmuls. `ATEN_CPU_CAPABILITY=avx2` in the
+    environment turns the fp32 path off on an AVX-512 machine.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float32:
+        return torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def attention(

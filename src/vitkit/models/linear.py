@@ -1,11 +1,11 @@
 """The model's dense layers, with a faster fp32 kernel on CPU.
 
-On x86 CPUs PyTorch sends fp32 `F.linear` to MKL's sgemm. On AMD processors MKL takes a slow code path: on the
-2-core Zen 5 we develop on it reaches about 190 GFLOP/s where oneDNN's matmul (the library PyTorch already uses
-for convolutions and bf16 matmuls) reaches about 440. `Linear` sends fp32 CPU work to oneDNN, forward and
-backward, and bf16 inference too (bf16 weights and inputs: oneDNN fuses fc1's GELU, which PyTorch runs as a second
-pass over the bf16 output). Everything else (autocast, bf16 training, CUDA, tracing for export or torch.compile)
-goes to `F.linear`.
+On x86 CPUs PyTorch sends fp32 `F.linear` to MKL's sgemm. On AMD processors with AVX-512 MKL takes a slow code
+path: on a 2-core Zen 5 it reaches about 190 GFLOP/s where oneDNN's matmul (the library PyTorch already uses for
+convolutions and bf16 matmuls) reaches about 440. There `Linear` sends fp32 CPU work to oneDNN, forward and
+backward, and bf16 inference too where oneDNN computes bf16 (bf16 weights and inputs: oneDNN fuses fc1's GELU,
+which PyTorch runs as a second pass over the bf16 output); `kernels.onednn_matmul` says where. Everything else
+(AVX2-only CPUs in fp32, autocast, bf16 training, CUDA, tracing for export or torch.compile) goes to `F.linear`.
 `kernels.reference_kernels()` turns the fast path off, for a numerics check or a comparison.
 """
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import fast_cpu
+from .kernels import fast_cpu, onednn_matmul
 
 # Rows of the weight gradient's reduction summed per oneDNN call: one long reduction runs at MKL's speed,
 # chunks of 512 rows at 1.5-2x it (measured on the shapes of ViT-S/16 and ViT-B/16 at batch 32).
@@ -33,7 +33,7 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor, needs_grad: bool) -> bool
         and x.dtype == weight.dtype
         and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and not needs_grad))
         and not torch.is_autocast_enabled("cpu")
-        and torch.backends.mkldnn.is_available()
+        and onednn_matmul(x.dtype)
     )
 
 
@@ -72,7 +72,8 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, same state-dict keys) with the oneDNN path on CPU (fp32; bf16 inference)."""
+    """`nn.Linear` (same parameters, same state-dict keys) with the oneDNN path on CPU (fp32; bf16 inference) where
+    `onednn_matmul` says it is faster."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         needs_grad = self._needs_grad(x)
