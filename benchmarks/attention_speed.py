@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from vitkit.allocator import keep_freed_memory
 from vitkit.models import kernels, native
 from vitkit.models.kernels import reference_kernels
 
@@ -38,6 +39,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as `vitkit train` runs: the gradients' pages are not faulted in again each step
     if native.library() is None:
         raise SystemExit("vitkit's attention kernel could not be built here (see the warning above)")
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
@@ -66,7 +68,7 @@ def _steps(heads: int, tokens: int, d: int, batch: int) -> dict[str, Callable[[]
         kernels.attention(qkv, heads, 0.0, False)
 
     def forward_backward() -> None:
-        kernels.attention(leaf, heads, 0.0, False)[0].backward(grad)
+        torch.autograd.grad(kernels.attention(leaf, heads, 0.0, False)[0], leaf, grad)
 
     return {"fwd": forward, "fwd+bwd": forward_backward}
 

@@ -52,7 +52,10 @@ static inline void product(const float* const* a, long lda, long K, const float*
         for (int u = 0; u < N; u++) bv[u] = *(const vec*)(b + k * ldb + u * W);
 #pragma GCC unroll 6
         for (int r = 0; r < R; r++) {
-            vec av = splat(a[r][k * lda]);
+            // a scalar times a vector: GCC broadcasts it straight from memory. (splat() adds it to 0, which keeps
+            // a -0.0 apart and costs an add and a shuffle on the floating-point ports per entry: 1.5-1.7x slower on a
+            // Zen 3.)
+            const float av = a[r][k * lda];
 #pragma GCC unroll 4
             for (int u = 0; u < N; u++) acc[r][u] += av * bv[u];
         }
@@ -60,9 +63,12 @@ static inline void product(const float* const* a, long lda, long K, const float*
 }
 
 // The M x N product of a (rows a + i * a_row, entries k * a_col along them) and b (K rows of ldb), N a multiple of
-// W, handed to store(row, column, vector of W results) tile by tile.
+// W, handed to store(row, column, vector of W results) tile by tile. Not inlined: inside the large head functions
+// GCC kept a tile's row pointers on the stack and reloaded them at every step of the product (on x86; the backward
+// ran 1.4x slower for it).
 template <class Store>
-static void gemm(const float* a, long a_row, long a_col, long M, long K, const float* b, long ldb, long N, Store store) {
+__attribute__((noinline)) static void gemm(const float* a, long a_row, long a_col, long M, long K, const float* b,
+                                           long ldb, long N, Store store) {
     auto tile = [&](auto nv, long i, long j, int rows, const float* const* ar) {
         constexpr int N = decltype(nv)::value;
         vec acc[R][N];

@@ -4,8 +4,8 @@
   (`onednn_matmul`: 2.2x on AMD CPUs with AVX-512), and so does bf16 inference where oneDNN computes bf16.
 - Attention (`attention`): in fp32 on CPU, vitkit's own kernel (`attention.cpp`, built on first use by `native`
   for the CPU it runs on), forward and backward: with AVX-512 about 2x PyTorch's flash kernel, whose fp32 products
-  go to MKL's slow path on AMD; with AVX2 even at 197 tokens and 2x at the hybrids' 17. bf16 inference takes the
-  same kernel's bf16 forward (fp32 inside). With bf16/fp16 on CPU and autograd recording,
+  go to MKL's slow path on AMD; with AVX2 1.3-1.45x at 197 tokens and 2.3-2.9x at the hybrids' 17. bf16
+  inference takes the same kernel's bf16 forward (fp32 inside). With bf16/fp16 on CPU and autograd recording,
   explicit matmuls (oneDNN's bf16 batched gemm) and a softmax instead of the flash kernel, whose backward is 1.5x
   (ViT-B/16, 197 tokens) to 9x (a hybrid's 17 tokens) slower.
 - Max-pooling (`max_pool`, the hybrid stem's): on CPU channels-last, forward and backward, with NCHW in and out;
