@@ -35,7 +35,9 @@ class Throughput:
         seconds: seconds per step of each timed round.
         compile_s: in compiled mode, the first call's time less a steady step's: compilation, mostly.
         memory_bytes: peak memory of a step (see `memory.peak_memory`), when measured.
-        ratio: the first model's (vitkit's) images/s over this one's; above 1, vitkit is faster.
+        ratio: this model's step time over the first model's (vitkit's) in the same round, the median over the
+            rounds; above 1, vitkit is faster. Paired by round, so a slow spell of a shared machine that lasts
+            several rounds slows both sides of those rounds alike instead of only the model timed in it.
     """
 
     name: str
@@ -126,7 +128,8 @@ def measure(
     rounds: int = 5,
     steps: int = 1,
 ) -> list[Throughput]:
-    """Throughput of each model, timed in alternating rounds of `steps` steps; the median round counts.
+    """Throughput of each model, timed in alternating rounds of `steps` steps; the median round counts, and
+    each ratio to the first model is the median of the rounds' ratios.
 
     Args:
         models: name -> model; the first is the reference of every `ratio` (vitkit's, by convention).
@@ -166,8 +169,9 @@ def measure(
         rate = batch / per_step
         compile_s = max(first - per_step, 0.0) if mode == "compiled" else None
         results.append(Throughput(name, rate, rate * flops / 1e9, seconds[name], compile_s, memory))
+    reference = results[0].seconds
     for r in results:
-        r.ratio = results[0].images_per_s / r.images_per_s
+        r.ratio = statistics.median(theirs / ours for ours, theirs in zip(reference, r.seconds))
     return results
 
 
