@@ -96,7 +96,7 @@ def test_throughput_of_train_and_infer_and_the_ratio():
     assert [r.name for r in results] == ["vitkit", "twin"]
     assert all(r.images_per_s > 0 and len(r.seconds) == 3 for r in results)
     assert results[0].ratio == 1.0
-    paired = sorted(twin_s / ours_s for ours_s, twin_s in zip(results[0].seconds, results[1].seconds))
+    paired = sorted(twin_s / ours_s for ours_s, twin_s in zip(results[0].seconds, results[1].seconds, strict=True))
     assert results[1].ratio == pytest.approx(paired[1])  # the median of the 3 rounds' ratios
     assert results[0].gflops == pytest.approx(results[0].images_per_s * 2_483_520 / 1e9)
     assert not torch.equal(ours.head.weight, before)  # the AdamW step ran

@@ -171,7 +171,7 @@ def measure(
         results.append(Throughput(name, rate, rate * flops / 1e9, seconds[name], compile_s, memory))
     reference = results[0].seconds
     for r in results:
-        r.ratio = statistics.median(theirs / ours for ours, theirs in zip(reference, r.seconds))
+        r.ratio = statistics.median(theirs / ours for ours, theirs in zip(reference, r.seconds, strict=True))
     return results
 
 
