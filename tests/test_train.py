@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -165,3 +166,40 @@ def test_cli_train_interrupt_resume_eval_predict(tmp_path, capsys):
     assert main(["predict", str(run / "model"), str(img), "--format", "json"]) == 0
     pred = json.loads(capsys.readouterr().out)[0]
     assert pred["labels"][0] in [str(i) for i in range(10)] and 0 < pred["probs"][0] <= 1
+
+
+def test_reinit_blocks_gives_the_last_blocks_of_the_init_checkpoint_fresh_weights(tmp_path):
+    from vitkit import create_model, save_pretrained
+    from vitkit.train.loop import build_model
+
+    kw = {"img_size": 16, "patch_size": 4, "width": 32, "depth": 3, "heads": 2, "mlp_dim": 64, "num_classes": 5}
+    pretrained = create_model("vit_ti16", **kw)
+    with torch.no_grad():
+        for p in pretrained.parameters():
+            p.add_(1.0)  # weights that no initialisation draws: norm weights near 2, biases near 1
+    save_pretrained(pretrained, tmp_path / "pre")
+    classes = [str(i) for i in range(5)]
+    settings = {"model.init": str(tmp_path / "pre"), "model.img_size": 16}
+    model = build_model(load_config(None, {**settings, "model.reinit_blocks": 1}), classes)
+    before = pretrained.state_dict()
+    for name, value in model.state_dict().items():
+        if not name.startswith(("blocks.2.", "norm.")):
+            assert torch.equal(value, before[name]), name
+    last = model.blocks[2]
+    for norm in (last.norm1, last.norm2, model.norm):
+        assert torch.equal(norm.weight, torch.ones(32)) and torch.equal(norm.bias, torch.zeros(32))
+    assert torch.equal(last.attn.qkv.bias, torch.zeros(96)) and last.mlp.fc1.bias.abs().max() < 1e-5
+    bound = math.sqrt(6 / (32 + 64))  # xavier-uniform for fc1 (64 x 32)
+    w = last.mlp.fc1.weight
+    assert w.abs().max() <= bound and w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+    assert not torch.equal(model.blocks[2].attn.proj.weight, before["blocks.2.attn.proj.weight"])
+    with pytest.raises(ValueError, match=r"model.reinit_blocks=4 for .*pre: .*0 to 3"):
+        build_model(load_config(None, {**settings, "model.reinit_blocks": 4}), classes)
+    with pytest.raises(ValueError, match=r"model.reinit_blocks=-1; expected >= 0"):
+        load_config(None, {"model.reinit_blocks": -1})
+    # From scratch the blocks are fresh already: the same model as without the setting.
+    torch.manual_seed(0)
+    plain = build_model(tiny(), classes).state_dict()
+    torch.manual_seed(0)
+    same = build_model(tiny(**{"model.reinit_blocks": 1}), classes).state_dict()
+    assert all(torch.equal(plain[n], same[n]) for n in plain)

@@ -153,17 +153,9 @@ class VisionTransformer(nn.Module):
         """The official JAX initialisation: xavier-uniform dense kernels, lecun-normal patch embedding,
         position embeddings N(0, 0.02), a zero class token; the head truncated-normal with std 0.02. (A head
         replaced for fine-tuning starts at zero instead, paper section 3.2; `load_pretrained` does that.)"""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                if isinstance(m, nn.Linear):
-                    nn.init.xavier_uniform_(m.weight)
-                else:
-                    nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        _init_dense(self)
         for block in self.blocks:
-            nn.init.normal_(block.mlp.fc1.bias, std=1e-6)
-            nn.init.normal_(block.mlp.fc2.bias, std=1e-6)
+            _init_mlp_biases(block)
         fan_in = self.patch_embed.proj.in_channels * self.patch_embed.proj.kernel_size[0] ** 2
         nn.init.trunc_normal_(self.patch_embed.proj.weight, std=(1.0 / fan_in) ** 0.5)
         if isinstance(self.pos_embed, nn.Parameter):
@@ -171,6 +163,24 @@ class VisionTransformer(nn.Module):
         if isinstance(self.head, nn.Linear):
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
+
+    @torch.no_grad()
+    def reinit_last_blocks(self, n: int) -> None:
+        """Fresh weights, drawn as `reset_parameters` draws them, for the last `n` blocks and the norms after them:
+        for fine-tuning on a task far from the pretraining, whose top blocks hold features of the old task (the
+        re-initialisation of Zhang et al. 2021, "Revisiting few-sample BERT fine-tuning")."""
+        if not 0 <= n <= len(self.blocks):
+            raise ValueError(f"re-initialise {n} blocks: expected 0 to {len(self.blocks)}, the model's depth")
+        if n == 0:
+            return
+        for block in self.blocks[len(self.blocks) - n :]:
+            _init_dense(block)
+            _init_mlp_biases(block)
+            block.norm1.reset_parameters()
+            block.norm2.reset_parameters()
+        for norm in (self.norm, self.fc_norm):
+            if isinstance(norm, nn.LayerNorm):
+                norm.reset_parameters()
 
     # ---- embedding -------------------------------------------------------------------------------------------
     def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
@@ -283,3 +293,21 @@ def layer_indices(layers: int | Iterable[int] | None, depth: int) -> list[int]:
             raise ValueError(f"layer {i} is out of range for a model with {depth} blocks")
         out.add(j)
     return sorted(out)
+
+
+def _init_dense(module: nn.Module) -> None:
+    """The official initialisation of every dense and convolution layer in `module`: xavier-uniform kernels (He
+    normal for the hybrid stem's convolutions), zero biases."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+            else:
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def _init_mlp_biases(block: Block) -> None:
+    nn.init.normal_(block.mlp.fc1.bias, std=1e-6)
+    nn.init.normal_(block.mlp.fc2.bias, std=1e-6)

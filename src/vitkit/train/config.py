@@ -54,6 +54,7 @@ class AugmentConfig:
 class ModelConfig:
     name: str = "vit_ti16"  # a variant name (`vitkit models`), used when `init` is not given
     init: str | None = None  # a checkpoint of any format to start from
+    reinit_blocks: int = 0  # with init: fresh weights for the last N blocks (a model from scratch is fresh already)
     img_size: int | tuple[int, int] | None = None  # None: the variant's or the checkpoint's
     overrides: dict[str, Any] = field(default_factory=dict)  # ViTConfig fields, e.g. {patch_size: 4, drop_path: 0.1}
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, about 1/3 more time
@@ -155,6 +156,7 @@ class RunConfig:
             "train.log_every": (t.log_every, 1, True),
             "train.skip_nonfinite": (t.skip_nonfinite, 0, True),
             "data.workers": (self.data.workers, 0, True),
+            "model.reinit_blocks": (self.model.reinit_blocks, 0, True),
         }
         for name, (value, least, inclusive) in at_least.items():
             if value is not None and (value < least or (value == least and not inclusive)):

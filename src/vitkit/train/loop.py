@@ -221,13 +221,21 @@ def _stream(train_src, cfg: RunConfig, model, proc: distributed.Dist, spe: int, 
 
 
 def build_model(cfg: RunConfig, classes: list[str]) -> VisionTransformer:
-    """A fresh variant, or the `init` checkpoint of any format with a head for these classes."""
+    """A fresh variant, or the `init` checkpoint of any format with a head for these classes (and its last
+    `reinit_blocks` blocks re-initialised)."""
     m = cfg.model
     overrides = dict(m.overrides)
     if m.img_size is not None:
         overrides["img_size"] = m.img_size
     overrides["num_classes"] = len(classes)
-    model = load_pretrained(m.init, **overrides) if m.init else create_model(m.name, **overrides)
+    if m.init:
+        model = load_pretrained(m.init, **overrides)
+        try:
+            model.reinit_last_blocks(m.reinit_blocks)
+        except ValueError as e:
+            raise ValueError(f"model.reinit_blocks={m.reinit_blocks} for {m.init}: {e}") from None
+    else:
+        model = create_model(m.name, **overrides)
     model.classes = list(classes)
     model.set_grad_checkpointing(m.grad_checkpointing)
     return model
