@@ -6,6 +6,8 @@ a fraction of this machine's measured matrix-multiply peak for the same dtype, a
     .venv/bin/python benchmarks/model_speed.py --models vit_ti16 --img-size 32 --batch 2 --rounds 2   # a smoke run
 
 bf16 inference casts the weights and inputs to bfloat16; bf16 training runs under autocast with fp32 weights.
+int8 (`--dtypes int8`, inference only) runs the blocks' dense layers in int8 (`vitkit.models.quantize`), the peers
+through PyTorch's own dynamic quantization; its peak and rates count int8 operations.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["vit_s16", "vit_b16"])
     parser.add_argument("--tasks", nargs="+", choices=["infer", "train"], default=["infer", "train"])
-    parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument(
+        "--dtypes", nargs="+", choices=["fp32", "bf16", "int8"], default=["fp32", "bf16"], help="int8: inference only"
+    )
     parser.add_argument("--vs", nargs="+", default=["hf"], help="peers: hf, timm, torchvision (where they import)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--img-size", type=int, help="N x N inputs (default: each model's, 224)")
@@ -40,13 +44,15 @@ def main() -> None:
     print(f"torch {torch.__version__}, {where}, batch {args.batch}, {args.mode}")
     for dtype, peak in peaks.items():
         kernels = ", ".join(f"{k} {v:.0f}" for k, v in peak.kernels.items())
-        print(f"{dtype} matmul peak {peak.gflops:.0f} GFLOP/s ({kernels})")
+        print(f"{dtype} matmul peak {peak.gflops:.0f} {'GOP/s' if dtype == 'int8' else 'GFLOP/s'} ({kernels})")
     head = f"{'model':<9} {'task':<5} {'dtype':<5} {'who':<12} {'img/s':>9} {'GFLOP/s':>8} {'% of peak':>9}"
     print(head + f" {'memory':>10} {'vitkit x':>8}")
     overrides = {"img_size": args.img_size} if args.img_size else {}
     for name in args.models:
         for task in args.tasks:
             for dtype in args.dtypes:
+                if dtype == "int8" and task != "infer":
+                    continue  # int8 layers have no gradients
                 model = load_model(name, **overrides)
                 results = compare(
                     model,

@@ -31,6 +31,10 @@ def test_peak_measures_every_kernel_and_takes_the_best():
             assert ("onednn.linear" in peak.kernels) == (dtype == "fp32" or onednn_matmul(torch.bfloat16))
         assert all(g > 0 for g in peak.kernels.values())
         assert peak.gflops == max(peak.kernels.values()) and peak.kernels[peak.kernel] == peak.gflops
+    int8 = matmul_peak("int8", n=128, repeats=2)
+    assert list(int8.kernels) == ["int8.linear"] and int8.gflops > 0
+    with pytest.raises(ValueError, match="int8 runs on CPU"):
+        matmul_peak("int8", "cuda")
     peak = Peak("fp32", "cpu", {"torch.matmul": 193.0, "onednn.linear": 445.0})
     assert peak.gflops == 445.0 and peak.kernel == "onednn.linear"
     with pytest.raises(ValueError, match="fp16"):
@@ -105,6 +109,17 @@ def test_throughput_of_train_and_infer_and_the_ratio():
     infer = measure({"vitkit": ours}, cfg, 2, task="infer", dtype="bf16", rounds=2)
     assert infer[0].images_per_s > 0 and infer[0].compile_s is None
     assert ours.head.weight.dtype == torch.bfloat16  # bf16 inference casts the weights
+
+
+def test_int8_inference_runs_an_int8_copy_for_vitkit_and_the_peer():
+    pytest.importorskip("transformers")
+    cfg = tiny_cfg()
+    ours = vitkit.create_model(cfg)
+    results = measure({"vitkit": ours, "hf": build_peer("hf", cfg)}, cfg, 2, task="infer", dtype="int8", rounds=2)
+    assert [r.name for r in results] == ["vitkit", "hf"] and all(r.images_per_s > 0 for r in results)
+    assert ours.head.weight.dtype == torch.float32 and ours.blocks[0].mlp.fc1.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="int8 is for inference on CPU, not train"):
+        make_step(ours, cfg, 2, task="train", dtype="int8")
 
 
 def test_make_step_refuses_unknown_settings():

@@ -52,6 +52,12 @@ def test_create_convert_predict(tmp_path, capsys):
         by_label = dict(zip(a["labels"], a["probs"], strict=True))
         np.testing.assert_allclose([by_label[n] for n in b["labels"]], b["probs"], atol=0.02, rtol=0)
     assert any(a["probs"] != b["probs"] for a, b in zip(fp32[:3], bf16[:3], strict=True))
+    assert main(["predict", str(tmp_path / "m2"), str(images), "--format", "json", "--precision", "int8"]) == 0
+    int8 = json.loads(capsys.readouterr().out)
+    for a, b in zip(fp32[:3], int8[:3], strict=True):  # the blocks' dense layers in int8: close to fp32 too
+        by_label = dict(zip(a["labels"], a["probs"], strict=True))
+        np.testing.assert_allclose([by_label[n] for n in b["labels"]], b["probs"], atol=0.03, rtol=0)
+    assert any(a["probs"] != b["probs"] for a, b in zip(fp32[:3], int8[:3], strict=True))
 
 
 def test_convert_refuses_to_overwrite(tmp_path, capsys):

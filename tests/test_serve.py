@@ -19,6 +19,7 @@ import vitkit
 from vitkit.analysis import attention_rollout
 from vitkit.cli import main
 from vitkit.data.images import decode
+from vitkit.evaluate import inference_model
 
 pytest.importorskip("starlette", reason="the serve extra is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra is not installed")
@@ -150,7 +151,7 @@ def test_bf16_answers_are_close_to_fp32_and_rollouts_stay_fp32(service):
     model = service.model
     images = torch.stack([model.preprocess(decode(image_bytes("PNG", seed=i), "x", 3)) for i in range(3)])
     jobs = [Job(image, attention=True) for image in images]
-    fp32, bf16 = run_jobs(model, jobs), run_jobs(model, jobs, "bf16")
+    fp32, bf16 = run_jobs(model, model, jobs), run_jobs(model, model, jobs, "bf16")
     for a, b in zip(fp32, bf16, strict=True):
         np.testing.assert_allclose(b.probs, a.probs, atol=0.02, rtol=0)  # bf16 rounds: close, and not equal
         np.testing.assert_array_equal(b.rollout, a.rollout)
@@ -159,12 +160,24 @@ def test_bf16_answers_are_close_to_fp32_and_rollouts_stay_fp32(service):
         create_app(model, precision="fp16")
 
 
+def test_int8_answers_are_close_to_fp32_and_rollouts_stay_fp32(service):
+    model = service.model
+    images = torch.stack([model.preprocess(decode(image_bytes("PNG", seed=i), "x", 3)) for i in range(3)])
+    jobs = [Job(image, attention=True) for image in images]
+    int8 = inference_model(model, "cpu", "int8")
+    fp32, quantized = run_jobs(model, model, jobs), run_jobs(model, int8, jobs, "int8")
+    for a, b in zip(fp32, quantized, strict=True):
+        np.testing.assert_allclose(b.probs, a.probs, atol=0.03, rtol=0)
+        np.testing.assert_array_equal(b.rollout, a.rollout)  # the rollout runs the fp32 model
+    assert any(not torch.equal(a.probs, b.probs) for a, b in zip(fp32, quantized, strict=True))
+
+
 def test_flip_answers_average_the_mirror_images(service):
     model = service.model
     images = torch.stack([model.preprocess(decode(image_bytes("PNG", seed=i), "x", 3)) for i in range(3)])
-    flipped = run_jobs(model, [Job(image, attention=False) for image in images], flip=True)
-    plain = run_jobs(model, [Job(image, attention=False) for image in images])
-    mirrored = run_jobs(model, [Job(image.flip(-1), attention=False) for image in images])
+    flipped = run_jobs(model, model, [Job(image, attention=False) for image in images], flip=True)
+    plain = run_jobs(model, model, [Job(image, attention=False) for image in images])
+    mirrored = run_jobs(model, model, [Job(image.flip(-1), attention=False) for image in images])
     for f, a, b in zip(flipped, plain, mirrored, strict=True):
         np.testing.assert_allclose(f.probs, (a.probs + b.probs) / 2, atol=1e-6, rtol=0)
         assert not torch.allclose(f.probs, a.probs, atol=1e-4)

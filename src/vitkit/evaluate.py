@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .models import VisionTransformer
 from .models.kernels import onednn_matmul
+from .models.quantize import quantize_int8
 
 log = logging.getLogger("vitkit")
 
@@ -112,10 +113,11 @@ class Meter:
 
 
 def autocast(device: str | torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision for the forward pass: fp32 (none), bf16 (CPU and GPU) or fp16 (GPU). bf16 on a CPU that
-    does not compute it natively runs, with a warning (once) that it is slow there."""
+    """Mixed precision for the forward pass: fp32 (none), bf16 (CPU and GPU) or fp16 (GPU); none for int8, which
+    is in the model (`inference_model`). bf16 on a CPU that does not compute it natively runs, with a warning
+    (once) that it is slow there."""
     device_type = torch.device(device).type
-    if precision == "fp32":
+    if precision in ("fp32", "int8"):
         return contextlib.nullcontext()
     if precision == "bf16":
         if device_type == "cpu" and not onednn_matmul(torch.bfloat16):
@@ -125,7 +127,17 @@ def autocast(device: str | torch.device, precision: str) -> contextlib.AbstractC
         if device_type != "cuda":
             raise ValueError(f"precision fp16 needs a CUDA device, not {device!r}; use bf16 or fp32")
         return torch.autocast(device_type, dtype=torch.float16)
-    raise ValueError(f"precision {precision!r}; expected fp32, bf16 or fp16")
+    raise ValueError(f"precision {precision!r}; expected fp32, bf16, fp16 or int8")
+
+
+def inference_model(model: VisionTransformer, device: str | torch.device, precision: str) -> VisionTransformer:
+    """The module that runs `model` at `precision`: the model itself in eval mode on `device`, or for int8 its
+    int8 copy (`vitkit.models.quantize`; CPU only), run without autocast."""
+    if precision != "int8":
+        return model.eval().to(device)
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"precision int8 runs on CPU, not on {device!r}; use bf16 or fp16 there")
+    return quantize_int8(model)
 
 
 @functools.cache
@@ -172,7 +184,8 @@ def evaluate(
             counters are summed, so every rank returns the same result.
         workers: decoding processes (0: decode in this process).
         device: where the model runs.
-        precision: "fp32", "bf16" (autocast) or "fp16" (autocast, CUDA only).
+        precision: "fp32", "bf16" (autocast), "fp16" (autocast, CUDA only) or "int8" (the dense layers of the
+            blocks in int8, `vitkit.models.quantize`; CPU only).
         flip: average the probabilities of each image and its mirror image (`class_scores`).
         rank, world: this process and the number of processes sharing the evaluation.
     """
@@ -189,7 +202,7 @@ def evaluate(
     if model.classes and list(model.classes) != classes:
         log.warning("%s: the class names differ from the model's; outputs are read in the source's order", source.name)
     prep = model.preprocess
-    model.eval().to(device)
+    model = inference_model(model, device, precision)
     meter = Meter(k, device)
     skipped: list[tuple[str, str]] = []
     for batch in batches(

@@ -16,7 +16,7 @@ import torch
 from PIL import ImageDraw, ImageFont
 
 from .data.images import UnreadableImage, decode
-from .evaluate import autocast, class_scores
+from .evaluate import autocast, class_scores, inference_model
 from .models import VisionTransformer
 
 if TYPE_CHECKING:
@@ -76,7 +76,8 @@ def predict(
 ) -> list[Prediction]:
     """Run `model` on each image; an unreadable file gets a Prediction with `error` (why) instead of stopping.
 
-    precision: "fp32", or "bf16" (autocast, as `vitkit eval --precision bf16`; a torch model only).
+    precision: "fp32", "bf16" (autocast) or "int8" (`vitkit.models.quantize`), as `vitkit eval --precision`
+        takes them; a torch model only.
     flip: average the probabilities of each image and its mirror image (`vitkit.evaluate.class_scores`).
     """
     if model.cfg.num_classes == 0:
@@ -87,6 +88,7 @@ def predict(
         )
     amp = autocast("cpu", precision)
     names = names or class_names(model)
+    model = inference_model(model, "cpu", precision) if isinstance(model, VisionTransformer) else model.eval()
     k = min(topk, model.cfg.num_classes)
     results: list[Prediction] = []
     batch, batch_paths = [], []
@@ -102,7 +104,6 @@ def predict(
         batch.clear()
         batch_paths.clear()
 
-    model.eval()
     channels = 1 if model.cfg.in_chans == 1 else 3
     for path in paths:
         try:  # any mode, EXIF rotation, bombs and broken files, exactly as training and evaluation read them

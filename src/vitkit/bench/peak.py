@@ -9,6 +9,7 @@ measured and the peak is the best of them; each kernel's figure is kept, so a re
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,8 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from ..models.kernels import onednn_matmul
+from ..models.quantize import Int8Linear
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The type of the tensors that go in and come out; int8 layers take and return fp32 and multiply in int8.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
 
 
 @dataclass
@@ -25,7 +28,7 @@ class Peak:
     """Measured matrix-multiply throughput of one dtype on one device.
 
     Attributes:
-        dtype: "fp32" or "bf16".
+        dtype: "fp32", "bf16" or "int8" (its figures count int8 operations).
         device: where it was measured ("cpu", "cuda:0").
         kernels: kernel name -> GFLOP/s, e.g. {"torch.matmul": 193.0, "onednn.linear": 445.0}.
     """
@@ -51,6 +54,10 @@ def matmul_kernels(
     """The matrix-multiply kernels worth measuring on `device` for `dtype`, by name. oneDNN is measured for fp32
     wherever it is built in (the peak is the faster kernel's, whichever `Linear` takes), and for bf16 where it
     computes bf16 (without AVX-512 it refuses)."""
+    if dtype == "int8":
+        # The int8 layers' own kernel (fp32 in, the input quantized per call, int8 products, fp32 out), on CPU only;
+        # the weight is packed on the first call, in the warm-up, as a model packs its weights once.
+        return {"int8.linear": lambda x, w: _int8_layer(w)(x)} if device.type == "cpu" else {}
     kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"torch.matmul": torch.matmul}
     onednn = torch.backends.mkldnn.is_available() and (dtype == "fp32" or onednn_matmul(DTYPES[dtype]))
     if device.type == "cpu" and onednn:
@@ -59,13 +66,18 @@ def matmul_kernels(
     return kernels
 
 
+@functools.lru_cache(maxsize=1)
+def _int8_layer(weight: torch.Tensor) -> Int8Linear:
+    return Int8Linear(weight, None)
+
+
 def matmul_peak(
     dtype: str = "fp32", device: str | torch.device = "cpu", n: int | None = None, repeats: int = 5
 ) -> Peak:
     """Best GFLOP/s of an n x n by n x n product over `repeats` timed calls of each kernel, after a warm-up.
 
     Args:
-        dtype: "fp32" or "bf16".
+        dtype: "fp32", "bf16" or "int8" (CPU only; its figures count int8 operations, GOP/s).
         device: "cpu", "cuda" or "cuda:N". Runs with the current `torch.get_num_threads()` on CPU.
         n: matrix side; default 2048 on CPU and 8192 on CUDA (a 2048 product takes a few microseconds on a large
             GPU, too short to keep it busy, so its peak would be understated).
@@ -73,6 +85,8 @@ def matmul_peak(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    if dtype == "int8" and torch.device(device).type != "cpu":
+        raise ValueError(f"dtype int8 runs on CPU, not on {device!r}")
     if repeats < 1:
         raise ValueError(f"repeats={repeats}; expected at least 1")
     device = torch.device(device)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..allocator import keep_freed_memory
 from ..models import VisionTransformer, ViTConfig, count_macs
+from ..models.quantize import quantize_int8, quantize_torch_int8
 from .peak import DTYPES, sync
 
 TASKS = ("infer", "train")
@@ -72,16 +73,20 @@ def make_step(
     """A function that runs one step of `model` on a fixed random batch shaped by `cfg` (img_size, in_chans).
 
     task "infer": eval mode under inference_mode; with dtype "bf16" the weights and the input are cast to
-    bfloat16 (the fastest inference). task "train": forward, cross-entropy, backward, AdamW step, zero_grad; with
-    dtype "bf16" the forward runs under torch.autocast(bfloat16) with fp32 master weights, as mixed-precision
-    training does. mode "compiled" wraps the model in torch.compile (its first call compiles). The model is moved
-    to `device` (and cast, for bf16 inference) in place.
+    bfloat16 (the fastest inference); with "int8" (CPU only) an int8 copy of the model runs
+    (`vitkit.models.quantize`; a peer's is quantized by PyTorch's own `quantize_dynamic`). task "train":
+    forward, cross-entropy, backward, AdamW step, zero_grad; with dtype "bf16" the forward runs under
+    torch.autocast(bfloat16) with fp32 master weights, as mixed-precision training does. mode "compiled" wraps the
+    model in torch.compile (its first call compiles). The model is moved to `device` (and cast, for bf16 inference)
+    in place.
     """
     for name, value, allowed in (("task", task, TASKS), ("dtype", dtype, tuple(DTYPES)), ("mode", mode, MODES)):
         if value not in allowed:
             raise ValueError(f"{name} {value!r}; expected one of {allowed}")
     if batch < 1:
         raise ValueError(f"batch {batch}; expected at least 1")
+    if dtype == "int8" and (task != "infer" or torch.device(device).type != "cpu"):
+        raise ValueError(f"dtype int8 is for inference on CPU, not {task} on {device}; use fp32 or bf16 there")
     keep_freed_memory()  # as `vitkit train` runs: for vitkit and the peers alike, who share the process
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
@@ -92,6 +97,8 @@ def make_step(
         if dtype == "bf16":
             model.to(torch.bfloat16)
             x = x.to(torch.bfloat16)
+        if dtype == "int8":  # vitkit's int8 copy, or a peer's through PyTorch's dynamic quantization
+            model = quantize_int8(model) if isinstance(model, VisionTransformer) else quantize_torch_int8(model)
         forward = torch.compile(model) if mode == "compiled" else model
 
         def infer() -> None:

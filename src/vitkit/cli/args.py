@@ -29,6 +29,19 @@ def add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
 
 
+def add_precision(p: argparse.ArgumentParser, gpu: bool = False) -> None:
+    """The `--precision` option of the commands that classify images (`vitkit.evaluate.inference_model`); `gpu`
+    adds fp16, for a command that can run on a GPU."""
+    choices = ["fp32", "bf16", "int8"] + (["fp16"] if gpu else [])
+    more = "; fp16: autocast on a GPU" if gpu else ""
+    p.add_argument(
+        "--precision",
+        choices=choices,
+        default="fp32",
+        help=f"bf16: autocast, faster on CPUs with bf16 units; int8: the dense layers in int8 (CPU){more}",
+    )
+
+
 def add_flip(p: argparse.ArgumentParser) -> None:
     """The `--flip` option of the commands that classify images (`vitkit.evaluate.class_scores`)."""
     p.add_argument(

@@ -103,8 +103,9 @@ def _throughput(args: argparse.Namespace, model: Any, device: Any) -> None:
         return
     others = ", ".join(f"{k} {v:.0f}" for k, v in peak.kernels.items() if k != peak.kernel)
     print(f"vitkit bench {args.model}: batch {args.batch}, {args.mode}, {_setting(args, model.cfg, device)}")
-    print(f"{args.dtype} matmul peak {peak.gflops:.0f} GFLOP/s ({peak.kernel}{'; ' + others if others else ''})")
-    print(f"{'model':<12} {'img/s':>9} {'GFLOP/s':>8} {'% of peak':>9} {'peak memory':>12} {'vitkit x':>8}")
+    unit = "GOP/s" if args.dtype == "int8" else "GFLOP/s"  # int8 multiplies integers
+    print(f"{args.dtype} matmul peak {peak.gflops:.0f} {unit} ({peak.kernel}{'; ' + others if others else ''})")
+    print(f"{'model':<12} {'img/s':>9} {unit:>8} {'% of peak':>9} {'peak memory':>12} {'vitkit x':>8}")
     for r in results:
         memory = "-" if r.memory_bytes is None else format_size(r.memory_bytes)
         print(
@@ -163,9 +164,10 @@ def add_bench(sub: Subparsers) -> None:
     p.add_argument("--img-size", type=int, metavar="N", help="N x N inputs (default: the model's img_size)")
     p.add_argument(
         "--dtype",
-        choices=["fp32", "bf16"],
+        choices=["fp32", "bf16", "int8"],
         default="fp32",
-        help="bf16: weights and inputs in bfloat16 (infer), autocast with fp32 master weights (train)",
+        help="bf16: weights and inputs in bfloat16 (infer), autocast with fp32 master weights (train); int8: the "
+        "blocks' dense layers in int8 (infer, CPU; peers through PyTorch's dynamic quantization)",
     )
     p.add_argument("--mode", choices=["eager", "compiled"], default="eager", help="compiled: torch.compile")
     p.add_argument(

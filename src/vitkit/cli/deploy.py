@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..checkpoints import load_pretrained
-from .args import Subparsers, add_flip, add_set, parse_overrides
+from .args import Subparsers, add_flip, add_precision, add_set, parse_overrides
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -60,9 +60,7 @@ def add_serve(sub: Subparsers) -> None:
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image accepted (width x height)")
     p.add_argument("--access-log", action="store_true", help="log one line per request")
     p.add_argument("--name", help="what the page and GET /model call the model (default: MODEL as given)")
-    p.add_argument(
-        "--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, faster on CPUs with bf16 units"
-    )
+    add_precision(p)
     add_flip(p)
     add_set(p)
     p.set_defaults(func=cmd_serve)

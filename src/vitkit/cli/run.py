@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..checkpoints import load_pretrained
 from ..train.config import list_recipes
-from .args import Subparsers, add_flip, add_set, parse_overrides
+from .args import Subparsers, add_flip, add_precision, add_set, parse_overrides
 
 log = logging.getLogger("vitkit")
 
@@ -120,9 +120,7 @@ def add_predict(sub: Subparsers) -> None:
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.add_argument("--annotate", metavar="DIR", help="write copies of the images with the top-1 label drawn on")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in the --annotate folder")
-    p.add_argument(
-        "--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, faster on CPUs with bf16 units"
-    )
+    add_precision(p)
     add_flip(p)
     add_set(p)
     p.add_argument(
@@ -152,7 +150,7 @@ def add_eval(sub: Subparsers) -> None:
     p.add_argument("--split-seed", type=int, default=0, help="seed of that split (as data.split_seed in training)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=0, help="decoding processes (0: decode in this process)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="fp16 needs a GPU")
+    add_precision(p, gpu=True)
     add_flip(p)
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N")
     p.add_argument(

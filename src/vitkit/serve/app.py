@@ -37,7 +37,7 @@ from starlette.routing import Route
 
 from ..analysis import attention_rollout
 from ..data.images import UnreadableImage, decode
-from ..evaluate import autocast, class_scores
+from ..evaluate import autocast, class_scores, inference_model
 from ..models import VisionTransformer
 from ..predict import class_names
 from ..preprocess import crop_box
@@ -82,12 +82,15 @@ class RequestError(Exception):
         self.message = message
 
 
-def run_jobs(model: VisionTransformer, jobs: list[Job], precision: str = "fp32", flip: bool = False) -> list[Answer]:
-    """One forward pass for the whole batch (two with `flip`); the rollout pass only for the images that asked for
-    it. precision and flip as `vitkit predict` takes them."""
+def run_jobs(
+    model: VisionTransformer, fast: VisionTransformer, jobs: list[Job], precision: str = "fp32", flip: bool = False
+) -> list[Answer]:
+    """One forward pass of `fast` for the whole batch (two with `flip`); the rollout pass of `model` only for the
+    images that asked for it. `fast` runs `model` at `precision` (`vitkit.evaluate.inference_model`); precision and
+    flip as `vitkit predict` takes them."""
     images = torch.stack([job.image for job in jobs])
     with torch.no_grad(), autocast("cpu", precision):
-        probs = class_scores(model, images, flip).softmax(dim=-1)
+        probs = class_scores(fast, images, flip).softmax(dim=-1)
     wanted = [i for i, job in enumerate(jobs) if job.attention]
     rollouts: dict[int, np.ndarray] = {}
     if wanted:  # in fp32 whatever the precision: an analysis, asked for now and then
@@ -115,18 +118,19 @@ def create_app(
         max_queue: most requests waiting for the model; more get 503.
         limits: upload limits (defaults: 10 MiB, 40 megapixels).
         name: what /model calls the model (default: its config name).
-        precision: "fp32", or "bf16" (autocast: faster on CPUs with bf16 units).
+        precision: "fp32", "bf16" (autocast: faster on CPUs with bf16 units) or "int8" (an int8 copy of the
+            blocks' dense layers, `vitkit.models.quantize`; the attention rollout stays fp32).
         flip: average each image's probabilities with its mirror image's (`vitkit.evaluate.class_scores`).
     """
     if model.cfg.num_classes == 0:
         raise ValueError("the model has no classification head (num_classes=0); nothing to serve")
     autocast("cpu", precision)  # an unknown precision fails here, before the service starts
-    model.eval()
+    fast = inference_model(model, "cpu", precision)  # the model itself, in eval mode, but for int8
     limits = limits or Limits()
     names = class_names(model)
     channels = 1 if model.cfg.in_chans == 1 else 3
     batcher: DynamicBatcher[Job, Answer] = DynamicBatcher(
-        lambda jobs: run_jobs(model, jobs, precision, flip), max_batch, max_wait_ms, max_queue
+        lambda jobs: run_jobs(model, fast, jobs, precision, flip), max_batch, max_wait_ms, max_queue
     )
     page = resources.files("vitkit.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     info = {

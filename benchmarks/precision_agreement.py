@@ -1,16 +1,19 @@
-"""Does bf16 inference change the answers? The same images through a model in fp32, in bf16 autocast
-(`vitkit eval --precision bf16`) and with bf16 weights (`vitkit bench --dtype bf16`, the fastest): top-1 agreement
-with fp32, logit differences, and each one's accuracy.
+"""Do the fast inference modes change the answers? The same images through a model in fp32 and in each faster
+mode: bf16 autocast (`vitkit eval --precision bf16`), bf16 weights (`vitkit bench --dtype bf16`) and int8 dense
+layers (`vitkit eval --precision int8`, `vitkit.models.quantize`): top-1 agreement with fp32, logit differences,
+and each one's accuracy.
 
-    .venv/bin/python benchmarks/bf16_agreement.py runs/bench-cifar10/model /work/cifar10 --split test
+    .venv/bin/python benchmarks/precision_agreement.py runs/bench-cifar10/model /work/cifar10 --split test
+    .venv/bin/python benchmarks/precision_agreement.py MODEL DATA --modes int8    # where bf16 is emulated (AVX2)
 
-Prints one line per bf16 mode and one JSON line at the end for programs.
+Prints one line per mode and one JSON line at the end for programs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 
 import torch
 
@@ -18,6 +21,9 @@ from vitkit.checkpoints import load_pretrained
 from vitkit.data import batches, open_source
 from vitkit.data.augment import normalize
 from vitkit.evaluate import autocast
+from vitkit.models.quantize import quantize_int8
+
+MODES = ("bf16-autocast", "bf16-weights", "int8")
 
 
 def main() -> None:
@@ -25,15 +31,16 @@ def main() -> None:
     p.add_argument("model", help="a trained model (any format vitkit loads)")
     p.add_argument("data", help="labelled images (as `vitkit eval` takes them)")
     p.add_argument("--split", default="val")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--limit", type=int, default=None, help="stop after this many images")
     args = p.parse_args()
 
     model = load_pretrained(args.model).eval()
-    model_bf16 = load_pretrained(args.model).eval().to(torch.bfloat16)
+    runs = {mode: _runner(mode, model, args.model) for mode in args.modes}
     source = open_source(args.data, args.split)
     prep = model.preprocess
-    logits = {"fp32": [], "autocast": [], "weights": []}
+    logits: dict[str, list[torch.Tensor]] = {"fp32": [], **{mode: [] for mode in runs}}
     labels = []
     with torch.inference_mode():
         for batch in batches(
@@ -42,9 +49,8 @@ def main() -> None:
         ):  # fmt: skip
             x = normalize(torch.as_tensor(batch.images), prep.mean, prep.std)
             logits["fp32"].append(model(x))
-            with autocast("cpu", "bf16"):
-                logits["autocast"].append(model(x).float())
-            logits["weights"].append(model_bf16(x.to(torch.bfloat16)).float())
+            for mode, run in runs.items():
+                logits[mode].append(run(x).float())
             labels.append(torch.as_tensor(batch.labels))
             if args.limit and sum(len(y) for y in labels) >= args.limit:
                 break
@@ -55,20 +61,35 @@ def main() -> None:
     print(f"{len(y)} images of {source.name}: fp32 top-1 {record['top1_fp32']:.2%}, mean |logit| "
           f"{record['mean_abs_logit']:.2f}")  # fmt: skip
     for mode, parts in logits.items():
-        bf16 = torch.cat(parts)
-        diff = (bf16 - fp32).abs()
+        fast = torch.cat(parts)
+        diff = (fast - fp32).abs()
         record[mode] = {
-            "top1": (bf16.argmax(1) == y).float().mean().item(),
-            "top1_agreement": (fp32.argmax(1) == bf16.argmax(1)).float().mean().item(),
+            "top1": (fast.argmax(1) == y).float().mean().item(),
+            "top1_agreement": (fp32.argmax(1) == fast.argmax(1)).float().mean().item(),
             "max_abs_logit_diff": diff.max().item(),
             "mean_abs_logit_diff": diff.mean().item(),
         }
         r = record[mode]
         print(
-            f"bf16 {mode:<8}: top-1 {r['top1']:.2%}, agreement with fp32 {r['top1_agreement']:.2%}, "
+            f"{mode:<13}: top-1 {r['top1']:.2%}, agreement with fp32 {r['top1_agreement']:.2%}, "
             f"|logit - fp32| max {r['max_abs_logit_diff']:.3f} mean {r['mean_abs_logit_diff']:.4f}"
         )
     print(json.dumps(record))
+
+
+def _runner(mode: str, model: torch.nn.Module, path: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The forward pass of `model` (loaded from `path`) in `mode`."""
+    if mode == "int8":
+        return quantize_int8(model)
+    if mode == "bf16-weights":
+        bf16 = load_pretrained(path).eval().to(torch.bfloat16)
+        return lambda x: bf16(x.to(torch.bfloat16))
+
+    def autocast_bf16(x: torch.Tensor) -> torch.Tensor:
+        with autocast("cpu", "bf16"):
+            return model(x)
+
+    return autocast_bf16
 
 
 if __name__ == "__main__":
