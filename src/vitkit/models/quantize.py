@@ -1,6 +1,6 @@
 """int8 inference on CPU: the transformer's dense layers with int8 weights and dynamically quantized inputs.
 
-`quantize_int8(model)` returns a copy of a model whose blocks' dense layers (qkv, proj, fc1, fc2: 98% of
+`quantize_int8(model)` returns a copy of a model whose blocks' dense layers (qkv, proj, fc1, fc2: 95% of
 ViT-B/16's multiply-accumulates) hold int8 weights, one scale per output channel, and quantize their input at
 every call with one scale for the whole tensor, taken from its range (dynamic quantization). The products run
 in int8 with int32 sums (PyTorch's quantized CPU kernels, fbgemm or oneDNN), and the output is fp32 again; the
