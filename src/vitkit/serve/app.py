@@ -125,7 +125,7 @@ def create_app(
     if model.cfg.num_classes == 0:
         raise ValueError("the model has no classification head (num_classes=0); nothing to serve")
     autocast("cpu", precision)  # an unknown precision fails here, before the service starts
-    fast = inference_model(model, "cpu", precision)  # the model itself, in eval mode, but for int8
+    fast = inference_model(model.eval(), "cpu", precision)  # the model itself but for int8; both in eval mode
     limits = limits or Limits()
     names = class_names(model)
     channels = 1 if model.cfg.in_chans == 1 else 3
