@@ -248,3 +248,24 @@ def test_bf16_on_a_cpu_without_native_bf16_runs_and_warns_once(native_bf16, monk
     assert len(warnings) == (0 if native_bf16 else 1)
     assert native_bf16 or "--set train.precision=fp32" in warnings[0]
     _warn_slow_bf16.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("device", "avx512_bf16", "amx", "cuda_bf16", "want"),
+    [
+        ("cpu", False, False, None, "fp32"),  # AVX2, or AVX-512 without bf16 instructions: bf16 is emulated
+        ("cpu", True, False, None, "bf16"),
+        ("cpu", False, True, None, "bf16"),
+        ("cuda", False, False, True, "bf16"),
+        ("cuda:1", False, False, False, "fp16"),  # a GPU without bf16 (before Ampere)
+    ],
+)
+def test_auto_precision_picks_native_bf16_else_fp32_on_cpu_and_fp16_on_gpu(
+    device, avx512_bf16, amx, cuda_bf16, want, monkeypatch
+):
+    from vitkit.evaluate import auto_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    assert auto_precision(device) == want

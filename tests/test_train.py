@@ -139,6 +139,27 @@ def test_existing_run_directory_is_refused_unless_resumed_or_overwritten(tmp_pat
     assert train(cfg, run, overwrite=True, progress="none")["step"] == 2
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_precision_is_resolved_and_recorded_where_the_run_starts(native, tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cfg = tiny(**{"train.steps": 3, "train.eval_every": 0, "train.save_every": 2, "train.precision": "auto"})
+    run = tmp_path / "run"
+    interrupt_after(run, 2)
+    assert train(cfg, run, progress="none")["interrupted"]
+    want = "bf16" if native else "fp32"
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["precision"] == want
+    assert cfg.train.precision == "auto"  # the caller's config is left as it was
+    # The same auto config resumes (it resolves to what the run recorded); a run recorded in the other precision
+    # is refused as a different config.
+    assert train(cfg, run, resume=True, progress="none")["step"] == 3
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: not native)
+    with pytest.raises(ValueError, match="config differs"):
+        train(cfg, run, resume=True, progress="none")
+
+
 def test_cli_train_interrupt_resume_eval_predict(tmp_path, capsys):
     run = tmp_path / "run"
     sets = [f"--set={k}={json.dumps(v)}" for k, v in {**TINY, "train.steps": 400, "train.eval_every": 0}.items()]

@@ -48,7 +48,7 @@ def test_ints_become_floats_and_lists_become_tuples():
         ({"train.epochs": True}, "expected float"),
         ({"augment.crop_scale": [0.5]}, "expected a list of 2"),
         ({"train.batch_size": 10, "train.accum_steps": 3}, "not divisible by train.accum_steps=3"),
-        ({"train.precision": "fp8"}, "expected fp32, bf16 or fp16"),
+        ({"train.precision": "fp8"}, "expected fp32, bf16, fp16 or auto"),
         ({"optim.name": "lamb"}, "expected adamw, adam or sgd"),
         ({"optim.freeze": "last:x"}, "expected none, head or last:N"),
         ({"augment.crop_scale": [0.9, 0.5]}, "0 < min <= max <= 1"),

@@ -130,6 +130,18 @@ def autocast(device: str | torch.device, precision: str) -> contextlib.AbstractC
     raise ValueError(f"precision {precision!r}; expected fp32, bf16, fp16 or int8")
 
 
+def auto_precision(device: str | torch.device) -> str:
+    """What `train.precision=auto` runs on `device`: bf16 where it is computed natively (a GPU that has it; a CPU
+    with avx512_bf16 or AMX), else fp16 on a GPU and fp32 on a CPU, where bf16 is emulated (12x slower than fp32 for
+    the cifar10 recipe on a Zen 3 with AVX2; on AVX-512 without bf16 instructions oneDNN widens to fp32 inside)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return "bf16"
+    return "fp32"
+
+
 def inference_model(model: VisionTransformer, device: str | torch.device, precision: str) -> VisionTransformer:
     """The module that runs `model` at `precision`: the model itself in eval mode on `device`, or for int8 its
     int8 copy (`vitkit.models.quantize`; CPU only), run without autocast."""
@@ -146,7 +158,7 @@ def _warn_slow_bf16() -> None:
     # (AVX2) the cifar10 recipe's training step ran 12x slower in bf16 (17.7 against 208 images/s).
     log.warning(
         "vitkit: this CPU has no native bf16 (oneDNN needs AVX-512 for it), so bf16 runs about 10x slower than fp32 "
-        "here; use fp32 (--precision fp32, or --set train.precision=fp32 for training)"
+        "here; use fp32 (--precision fp32; for training --set train.precision=fp32, or auto to choose by the device)"
     )
 
 

@@ -86,7 +86,9 @@ class TrainConfig:
     steps: int | None = None  # optimizer steps in all
     batch_size: int = 128  # global batch per optimizer step (all ranks and accumulation steps together)
     accum_steps: int = 1
-    precision: str = "fp32"  # fp32 | bf16 (autocast, CPU and GPU) | fp16 (autocast with loss scaling, GPU)
+    # fp32 | bf16 (autocast, CPU and GPU) | fp16 (autocast with loss scaling, GPU) | auto (bf16 where the device
+    # computes it natively, else fp16 on a GPU and fp32 on a CPU: `vitkit.evaluate.auto_precision`)
+    precision: str = "fp32"
     compile: bool = False  # torch.compile the training forward and backward (pays on a GPU; slower on CPU)
     ema_decay: float | None = None  # keep an exponential moving average of the weights; evaluated and saved
     seed: int = 0
@@ -121,8 +123,8 @@ class RunConfig:
             raise ValueError(f"train.batch_size={t.batch_size}, train.accum_steps={t.accum_steps}: must be >= 1")
         if t.batch_size % t.accum_steps:
             raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.accum_steps={t.accum_steps}")
-        if t.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"train.precision={t.precision!r}; expected fp32, bf16 or fp16")
+        if t.precision not in ("fp32", "bf16", "fp16", "auto"):
+            raise ValueError(f"train.precision={t.precision!r}; expected fp32, bf16, fp16 or auto")
         if o.name not in ("adamw", "adam", "sgd"):
             raise ValueError(f"optim.name={o.name!r}; expected adamw, adam or sgd")
         if self.schedule.decay not in ("cosine", "linear", "constant"):

@@ -8,6 +8,7 @@ scaler and the EMA to continue exactly as if it had never stopped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -26,7 +27,7 @@ from ..allocator import keep_freed_memory
 from ..checkpoints import load_pretrained, save_pretrained
 from ..data import batches, open_source, steps_per_epoch
 from ..data.augment import DeviceAugment
-from ..evaluate import EvalResult, autocast, evaluate, write_report
+from ..evaluate import EvalResult, auto_precision, autocast, evaluate, write_report
 from ..models import VisionTransformer, create_model
 from . import distributed
 from .config import RunConfig
@@ -62,6 +63,11 @@ def train(
     cfg.validate()
     keep_freed_memory()  # large activations are reused, not page-faulted in again every step
     proc, device = distributed.setup(cfg.train.device)
+    if cfg.train.precision == "auto":  # the run directory's config records what runs, so a resume checks it
+        precision = auto_precision(device)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+        if proc.main:
+            logger.info("train.precision=auto: %s on %s", precision, device)
     try:
         summary = _train(cfg, run_dir, proc, device, resume, overwrite, progress)
         # Every rank returns once rank 0 has written the model: a rank that left first could see rank 0's store
