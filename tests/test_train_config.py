@@ -57,6 +57,7 @@ def test_ints_become_floats_and_lists_become_tuples():
         ({"data.workers": -1}, "data.workers=-1; expected >= 0"),
         ({"model.overrides.patch_size": 5}, "is not divisible by the token stride 5 (patch_size=5"),
         ({"model.overrides.heads": 5}, "ViTConfig.width=192 is not divisible by heads=5"),
+        ({"model.overrides.hybrid": [1], "model.overrides.stem_width": 48}, "ViTConfig.stem_width=48: the hybrid"),
         ({"model.overrides.width": "wide"}, "ViTConfig.width='wide'; expected an integer >= 1"),
         ({"model.overrides.patch": 4}, "unknown ViTConfig field(s) ['patch']"),
         ({"model.name": "vit_q7"}, "unknown model name 'vit_q7'"),

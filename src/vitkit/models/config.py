@@ -172,6 +172,11 @@ class ViTConfig:
                 raise ValueError(f"ViTConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
         if self.width % self.heads:
             raise ValueError(f"ViTConfig.width={self.width} is not divisible by heads={self.heads}")
+        if self.hybrid is not None and self.stem_width % 32:
+            raise ValueError(
+                f"ViTConfig.stem_width={self.stem_width}: the hybrid stem normalises in 32 groups (GroupNorm(32)), so "
+                "its width must be a multiple of 32"
+            )
         if self.pool == "token" and not self.class_token:
             raise ValueError("ViTConfig.pool='token' needs class_token=True")
         if self.pos_embed == "sincos" and self.width % 4:
