@@ -54,10 +54,10 @@ def main() -> None:
     gain = statistics.fmean(gains)
     # how far the mean of these seeds may be from the mean over all seeds: the seeds' spread / sqrt(their number)
     sem = statistics.stdev(gains) / math.sqrt(len(gains)) if len(gains) > 1 else None
-    spread = "" if sem is None else f", standard error {sem:.1f}"
+    sem_text = "" if sem is None else f", standard error {sem:.1f}"
     machine = platform.processor() or platform.machine()
     print(f"machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"mean over {len(runs)} seeds: fine-tuned - scratch = {gain:+.1f} points{spread} (goal >= {args.points:g})")
+    print(f"mean over {len(runs)} seeds: fine-tuned - scratch = {gain:+.1f} points{sem_text} (goal >= {args.points:g})")
     ok = gain >= args.points
     print("GOAL MET" if ok else "GOAL MISSED")
     record = {"recipe": args.recipe, "runs": runs, "mean_gain_points": gain, "gain_sem_points": sem}
