@@ -73,8 +73,13 @@ __attribute__((noinline)) static void gemm(const float* a, long a_row, long a_co
         constexpr int N = decltype(nv)::value;
         vec acc[R][N];
         product<N>(ar, a_col, K, b + j, ldb, acc);
-        for (int r = 0; r < rows; r++)
-            for (int u = 0; u < N; u++) store(i + r, j + u * W, acc[r][u]);
+        // Unrolled with constant indices, so the accumulators stay in registers; a loop to `rows` made GCC keep
+        // them on the stack (stored after the product, loaded again here: forward 1.05-1.08x faster on a Zen 4).
+#pragma GCC unroll 6
+        for (int r = 0; r < R; r++)
+            if (r < rows)
+#pragma GCC unroll 4
+                for (int u = 0; u < N; u++) store(i + r, j + u * W, acc[r][u]);
     };
     for (long i = 0; i < M; i += R) {
         const int rows = int(std::min<long>(R, M - i));
@@ -173,31 +178,28 @@ static void transpose(const float* x, long token, const Shape& s, float scale, f
         }
 }
 
-// scores[i][j] = (q_i . k_j) * scale in log2 units, -inf on the padding columns; max[i] is each row's maximum.
-static void scores(const float* q, long q_token, const float* kt, const Shape& s, float* out, vec* max) {
+// scores[i][j] = (q_i . k_j) * scale in log2 units, -inf on the padding columns. (Row maxima taken here, a load and
+// a store per vector, made the product over only d = 64 terms 1.05x slower; the softmax takes them from the row.)
+static void scores(const float* q, long q_token, const float* kt, const Shape& s, float* out) {
     const vec lane = __builtin_convertvector(lanes(), vec);
-    for (long i = 0; i < s.T; i++) max[i] = splat(-INFINITY);
     gemm(q, q_token, 1, s.T, s.d, kt, s.Tp, s.Tp, [&](long i, long j, vec x) {
         if (j + W > s.T) x = lane + float(j) >= float(s.T) ? splat(-INFINITY) : x;
         *(vec*)(out + i * s.Tp + j) = x;
-        max[i] = x > max[i] ? x : max[i];
     });
 }
 
-// Per-thread scratch: two transposed operands (d x Tp), two score matrices (T x Tp), row maxima, a row vector;
-// for the bf16 forward also fp32 copies of a head's q, k, v and out (T x d each) and its stats.
+// Per-thread scratch: two transposed operands (d x Tp), two score matrices (T x Tp), a row vector; for the bf16
+// forward also fp32 copies of a head's q, k, v and out (T x d each) and its stats.
 struct Scratch {
     float *at, *bt, *p, *dp, *row, *wide, *stats;
-    vec* max;
     Scratch(const Shape& s, bool bf16) {
-        const long floats = 2 * s.d * s.Tp + 2 * s.T * s.Tp + s.T + s.T * W + (bf16 ? 4 * s.T * s.d + 2 * s.T : 0);
+        const long floats = 2 * s.d * s.Tp + 2 * s.T * s.Tp + s.T + (bf16 ? 4 * s.T * s.d + 2 * s.T : 0);
         at = static_cast<float*>(std::aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64));
         bt = at + s.d * s.Tp;
         p = bt + s.d * s.Tp;
         dp = p + s.T * s.Tp;
         row = dp + s.T * s.Tp;
-        max = reinterpret_cast<vec*>(row + s.T);
-        wide = bf16 ? row + s.T + s.T * W : nullptr;  // not allocated for the fp32 kernels
+        wide = bf16 ? row + s.T : nullptr;  // not allocated for the fp32 kernels
         stats = bf16 ? wide + 4 * s.T * s.d : nullptr;
     }
     ~Scratch() { std::free(at); }
@@ -209,10 +211,12 @@ struct Scratch {
 static void forward_head(const Operand* t, long b, long h, const Shape& s, float* stats, Scratch& m) {
     const Operand &q = t[0], &k = t[1], &v = t[2], &out = t[3];
     transpose(k.at(b, h), k.token, s, s.scale, m.at);
-    scores(q.at(b, h), q.token, m.at, s, m.p, m.max);
+    scores(q.at(b, h), q.token, m.at, s, m.p);
     for (long i = 0; i < s.T; i++) {
-        const float mx = hmax(m.max[i]);
         float* row = m.p + i * s.Tp;
+        vec rmax = splat(-INFINITY);
+        for (long j = 0; j < s.Tp; j += W) rmax = *(vec*)(row + j) > rmax ? *(vec*)(row + j) : rmax;
+        const float mx = hmax(rmax);
         vec sum = vec{};
         for (long j = 0; j < s.Tp; j += W) {
             vec e = exp2v(*(vec*)(row + j) - mx);
@@ -237,7 +241,7 @@ static void backward_head(const Operand* t, long b, long h, const Shape& s, cons
     const float* doh = dout.at(b, h);
     transpose(kh, k.token, s, s.scale, m.at);
     transpose(v.at(b, h), v.token, s, 1.f, m.bt);
-    scores(qh, q.token, m.at, s, m.p, m.max);
+    scores(qh, q.token, m.at, s, m.p);
     for (long i = 0; i < s.T; i++) {
         float* row = m.p + i * s.Tp;
         for (long j = 0; j < s.Tp; j += W) *(vec*)(row + j) = exp2v(*(vec*)(row + j) - stats[2 * i]) * stats[2 * i + 1];
