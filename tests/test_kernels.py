@@ -41,13 +41,15 @@ def _spy_onednn(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize("rows", [(7,), (3, 401)])  # 1203 rows: more than two weight-gradient chunks
 @pytest.mark.parametrize("features", [(24, 40), (40, 24)])  # the weight gradient's two operand orders
-def test_onednn_linear_matches_f_linear(rows, features, onednn_fp32, monkeypatch):
+@pytest.mark.parametrize("mkl_weight_grad", [False, True])  # oneDNN's chunks, or MKL's sgemm (a Zen 4)
+def test_onednn_linear_matches_f_linear(rows, features, mkl_weight_grad, onednn_fp32, monkeypatch):
+    monkeypatch.setattr(linear, "mkl_weight_grad", lambda: mkl_weight_grad)
     torch.manual_seed(0)
     layer = Linear(*features)
     x, g = torch.randn(*rows, features[0]), torch.randn(*rows, features[1])
     calls = _spy_onednn(monkeypatch)
     fast = _grads(layer, x, g)
-    assert len(calls) >= 3  # forward, input gradient, weight gradient
+    assert len(calls) >= (2 if mkl_weight_grad else 3)  # forward, input gradient[, weight gradient]
     with reference_kernels():
         ref = _grads(layer, x, g)
     for a, b, name in zip(fast, ref, ["out", "grad x", "grad weight", "grad bias"], strict=True):
@@ -107,6 +109,25 @@ def test_onednn_takes_fp32_with_avx512_and_bf16_where_it_computes_it(monkeypatch
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert kernels.onednn_matmul(torch.float32) and not kernels.onednn_matmul(torch.float16)
     assert kernels.onednn_matmul(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "capability", "want"),
+    [
+        ("vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n", "AVX512", True),  # a Zen 4
+        ("vendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n", "AVX512", False),  # a Zen 5
+        ("vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n", "AVX2", False),  # a Zen 3: MKL anyway
+        ("vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n", "AVX512", False),
+    ],
+)
+def test_mkl_takes_the_weight_gradients_on_a_zen_4_only(cpuinfo, capability, want, monkeypatch, request, tmp_path):
+    for rule in (kernels.onednn_matmul, kernels.mkl_weight_grad):
+        request.addfinalizer(rule.cache_clear)  # later tests ask this machine again
+        rule.cache_clear()
+    (tmp_path / "cpuinfo").write_text(cpuinfo)
+    monkeypatch.setattr(kernels, "_CPUINFO", str(tmp_path / "cpuinfo"))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert kernels.mkl_weight_grad() == want
 
 
 def test_other_dtypes_and_autocast_take_f_linear_exactly():

@@ -1,7 +1,8 @@
 """Which kernel runs a layer: faster CPU paths where PyTorch's default is slow, and the switch back to the default.
 
 - Dense layers (`linear.Linear`): fp32 CPU matmuls go to oneDNN instead of MKL's sgemm where that is faster
-  (`onednn_matmul`: 2.2x on AMD CPUs with AVX-512), and so does bf16 inference where oneDNN computes bf16.
+  (`onednn_matmul`: 2.2x on AMD CPUs with AVX-512), and so does bf16 inference where oneDNN computes bf16; on a
+  Zen 4 the fp32 weight gradients stay with MKL (`mkl_weight_grad`).
 - Attention (`attention`): in fp32 on CPU, vitkit's own kernel (`attention.cpp`, built on first use by `native`
   for the CPU it runs on), forward and backward: with AVX-512 about 2x PyTorch's flash kernel, whose fp32 products
   go to MKL's slow path on AMD; with AVX2 1.3-1.45x at 197 tokens and 2.3-2.9x at the hybrids' 17. bf16
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import re
 from collections.abc import Iterator
 
 import torch
@@ -67,6 +69,33 @@ def onednn_matmul(dtype: torch.dtype) -> bool:
     if dtype == torch.float32:
         return torch.backends.cpu.get_cpu_capability() == "AVX512"
     return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@functools.cache
+def mkl_weight_grad() -> bool:
+    """Whether `Linear`'s fp32 weight gradients go to MKL's sgemm although the rest of the oneDNN path stays.
+
+    MKL runs its AVX2 code on AMD CPUs. A Zen 5 computes AVX-512 at full width, so that code reaches half the
+    peak there; a Zen 4 (AMD family 25 with AVX-512) splits each 512-bit operation into two 256-bit halves, so
+    AVX2 loses nothing, and MKL's sum over the batch's rows runs 1.02-1.2x oneDNN's chunked products, which
+    copy their transposed operands (ViT-B/16 fp32 training step 1.03x). Forward and input gradients stay with
+    oneDNN there (1.05-1.1x MKL).
+    """
+    return onednn_matmul(torch.float32) and _amd_cpu_family() == 25
+
+
+_CPUINFO = "/proc/cpuinfo"
+
+
+def _amd_cpu_family() -> int | None:
+    """The CPU family of an AMD processor (25: Zen 3 and Zen 4, 26: Zen 5) from /proc/cpuinfo; None elsewhere."""
+    try:
+        with open(_CPUINFO) as f:
+            head = f.read(4096)  # the first processor's entry
+    except OSError:
+        return None
+    family = re.search(r"^cpu family\s*:\s*(\d+)", head, re.MULTILINE)
+    return int(family.group(1)) if "AuthenticAMD" in head and family else None
 
 
 def attention(

@@ -3,10 +3,11 @@
 On x86 CPUs PyTorch sends fp32 `F.linear` to MKL's sgemm. On AMD processors with AVX-512 MKL takes a slow code
 path: on a 2-core Zen 5 it reaches about 190 GFLOP/s where oneDNN's matmul (the library PyTorch already uses for
 convolutions and bf16 matmuls) reaches about 440. There `Linear` sends fp32 CPU work to oneDNN, forward and
-backward, and bf16 inference too where oneDNN computes bf16 (bf16 weights and inputs: oneDNN fuses fc1's GELU,
-which PyTorch runs as a second pass over the bf16 output); `kernels.onednn_matmul` says where. Everything else
-(AVX2-only CPUs in fp32, autocast, bf16 training, CUDA, tracing for export or torch.compile) goes to `F.linear`.
-`kernels.reference_kernels()` turns the fast path off, for a numerics check or a comparison.
+backward (but for a Zen 4's weight gradients: `kernels.mkl_weight_grad`), and bf16 inference too where oneDNN
+computes bf16 (bf16 weights and inputs: oneDNN fuses fc1's GELU, which PyTorch runs as a second pass over the bf16
+output); `kernels.onednn_matmul` says where. Everything else (AVX2-only CPUs in fp32, autocast, bf16 training,
+CUDA, tracing for export or torch.compile) goes to `F.linear`. `kernels.reference_kernels()` turns the fast path
+off, for a numerics check or a comparison.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import fast_cpu, onednn_matmul
+from .kernels import fast_cpu, mkl_weight_grad, onednn_matmul
 
 # Rows of the weight gradient's reduction summed per oneDNN call: one long reduction runs at MKL's speed,
 # chunks of 512 rows at 1.5-2x it (measured on the shapes of ViT-S/16 and ViT-B/16 at batch 32).
@@ -38,9 +39,12 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor, needs_grad: bool) -> bool
 
 
 def _weight_grad(g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-    """g2^T @ x2, (out, in), for g2 (M, out) and x2 (M, in), summed over chunks of rows. oneDNN copies its first
-    operand, transposed, into a contiguous block, so the narrower of the two goes first: for qkv and fc1 (out > in)
-    that is x2, and the product is x2^T @ g2 = (g2^T @ x2)^T (1.05-1.3x faster than g2 first on those layers)."""
+    """g2^T @ x2, (out, in), for g2 (M, out) and x2 (M, in): by MKL where `mkl_weight_grad` says, else by oneDNN
+    summed over chunks of rows. oneDNN copies its first operand, transposed, into a contiguous block, so the
+    narrower of the two goes first: for qkv and fc1 (out > in) that is x2, and the product is x2^T @ g2 =
+    (g2^T @ x2)^T (1.05-1.3x faster than g2 first on those layers)."""
+    if mkl_weight_grad():
+        return torch.mm(g2.t(), x2)
     first, second = (x2, g2) if g2.shape[1] > x2.shape[1] else (g2, x2)
     total = _onednn(first[:_GRAD_CHUNK].t(), second[:_GRAD_CHUNK].t(), None)  # (a, M) @ (M, b)
     for start in range(_GRAD_CHUNK, first.shape[0], _GRAD_CHUNK):
