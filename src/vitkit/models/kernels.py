@@ -5,10 +5,10 @@
   Zen 4 the fp32 weight gradients stay with MKL (`mkl_weight_grad`).
 - Attention (`attention`): in fp32 on CPU, vitkit's own kernel (`attention.cpp`, built on first use by `native`
   for the CPU it runs on), forward and backward: with AVX-512 about 2x PyTorch's flash kernel, whose fp32 products
-  go to MKL's slow path on AMD (1.5-1.6x on a Zen 4, where that path is not slow); with AVX2 1.3-1.45x at 197 tokens and 2.3-2.9x at the hybrids' 17. bf16
-  inference takes the same kernel's bf16 forward (fp32 inside). With bf16/fp16 on CPU and autograd recording,
-  explicit matmuls (oneDNN's bf16 batched gemm) and a softmax instead of the flash kernel, whose backward is 1.5x
-  (ViT-B/16, 197 tokens) to 9x (a hybrid's 17 tokens) slower.
+  go to MKL's slow path on AMD (1.5-1.6x on a Zen 4, where that path is not slow); with AVX2 1.3-1.45x at 197
+  tokens and 2.3-2.9x at the hybrids' 17. bf16 inference takes the same kernel's bf16 forward (fp32 inside). With
+  bf16/fp16 on CPU and autograd recording, explicit matmuls (oneDNN's bf16 batched gemm) and a softmax instead of
+  the flash kernel, whose backward is 1.5x (ViT-B/16, 197 tokens) to 9x (a hybrid's 17 tokens) slower.
 - Max-pooling (`max_pool`, the hybrid stem's): on CPU channels-last, forward and backward, with NCHW in and out;
   PyTorch's NCHW max-pool kernel is about 5x slower on CPU.
 
