@@ -173,6 +173,31 @@ def test_forward_head_pre_logits():
         torch.testing.assert_close(model.head(pre), model(x))
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_class_token_forward_skips_the_last_blocks_other_tokens(checkpointing):
+    # forward() computes the last block for the class token alone; its logits and every gradient must be those of
+    # the full forward. Heads of 16 dims, so the blocks before the last take the native attention kernel on CPU;
+    # stochastic depth draws the same per-sample masks on both paths.
+    model = randomized(tiny(width=32, heads=2, drop_path=0.2)).train()
+    model.set_grad_checkpointing(checkpointing)
+    x = torch.randn(3, 3, 32, 48, requires_grad=True)
+    grads = []
+    for run in (model, lambda t: model.forward_head(model.forward_features(t))):
+        torch.manual_seed(1)
+        model.zero_grad()
+        x.grad = None
+        logits = run(x)
+        (logits * torch.arange(7.0)).sum().backward()
+        grads.append((logits.detach(), x.grad.clone(), [p.grad.clone() for p in model.parameters()]))
+    (fast, fast_x, fast_p), (full, full_x, full_p) = grads
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_x, full_x, rtol=1e-4, atol=1e-5)
+    for a, b in zip(fast_p, full_p, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert all(g.abs().sum() > 0 for g in full_p)  # every parameter takes part: none compared as zero to zero
+    assert count_macs(model.cfg, as_run=True) < count_macs(model.cfg)
+
+
 def test_gap_pooling_norm_placement():
     x = torch.randn(2, 3, 32, 48)
     pre = randomized(tiny(pool="gap", class_token=False))

@@ -99,27 +99,31 @@ def _amd_cpu_family() -> int | None:
 
 
 def attention(
-    qkv: torch.Tensor, heads: int, dropout: float, need_weights: bool
+    qkv: torch.Tensor, heads: int, dropout: float, need_weights: bool, queries: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Multi-head softmax(q k^T / sqrt(d)) v from the fused projection `qkv` (B, T, 3 * D), its last dimension laid
-    out (q; k; v) x heads x d, with dropout on the probabilities. Returns the heads' outputs concatenated, (B, T, D),
-    and the probabilities (B, heads, T, T) when `need_weights`, else None."""
+    out (q; k; v) x heads x d, with dropout on the probabilities. Returns the heads' outputs concatenated, (B, Q, D),
+    and the probabilities (B, heads, Q, T) when `need_weights`, else None. Q = T, or `queries`: then only the first
+    `queries` tokens ask (every token still gives keys and values), as for a class token read alone."""
     B, T, _ = qkv.shape
     d = qkv.shape[-1] // (3 * heads)
-    if not need_weights and dropout == 0.0 and _native_attention(qkv, d):
+    if queries is None and not need_weights and dropout == 0.0 and _native_attention(qkv, d):
         if qkv.dtype == torch.bfloat16:
             return _native_bf16_inference(qkv, heads), None
         return _NativeAttention.apply(qkv, heads), None
     q, k, v = qkv.view(B, T, 3, heads, d).permute(2, 0, 3, 1, 4)  # 3 x (B, heads, T, d)
+    q = q[:, :, :queries]
+    if queries is not None and not need_weights and qkv.dtype == torch.bfloat16 and _native_attention(qkv, d):
+        q, k, v = q.float(), k.float(), v.float()  # as the native bf16 forward: fp32 inside, the output rounded once
     explicit = need_weights or (
         fast_cpu(q) and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled() and q.requires_grad
     )
     if explicit:
-        attn = ((q * d**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, T, T)
+        attn = ((q * d**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, Q, T)
         out = F.dropout(attn, dropout) @ v
     else:
         out, attn = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout), None
-    return out.transpose(1, 2).reshape(B, T, heads * d), attn
+    return out.transpose(1, 2).reshape(B, q.shape[2], heads * d).to(qkv.dtype), attn
 
 
 def _native_attention(qkv: torch.Tensor, d: int) -> bool:
