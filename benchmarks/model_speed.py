@@ -17,7 +17,7 @@ import argparse
 import torch
 
 from vitkit.bench import compare, load_model, matmul_peak
-from vitkit.bench.memory import format_size
+from vitkit.sizes import format_size
 
 
 def main() -> None:

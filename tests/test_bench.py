@@ -7,12 +7,13 @@ import torch
 
 import vitkit
 from vitkit import bench
-from vitkit.bench.memory import _peak_rss, fit_line, format_size, max_batch, parse_size, peak_memory
+from vitkit.bench.memory import _peak_rss, fit_line, max_batch, peak_memory
 from vitkit.bench.peak import Peak, matmul_peak
 from vitkit.bench.peers import build_peer
 from vitkit.bench.throughput import flops_per_image, make_step, measure
 from vitkit.cli import main
 from vitkit.models.kernels import onednn_matmul
+from vitkit.sizes import format_size, parse_size
 
 # 32 px, patch 8: 16 patches + the class token = 17 tokens of width 32; 2 blocks, 4 heads, MLP 64, 3 classes.
 TINY = dict(img_size=32, patch_size=8, width=32, depth=2, heads=4, mlp_dim=64, num_classes=3)

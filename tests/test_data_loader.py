@@ -186,6 +186,35 @@ def test_one_stream_over_epochs_equals_epoch_by_epoch_with_the_same_workers(tmp_
         batches(**{**kw, "batch_size": 12}, epochs=None)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_cache_decodes_each_image_once_and_changes_no_pixel(tmp_path, workers):
+    base = array_source(n=10)  # 24 x 32 RGB: 2,304 bytes of pixels per image
+    src = PidRecordingImages(tmp_path / "pids", base.array, base.labels, base.classes, base.name)
+    kw = dict(source=src, batch_size=4, img_size=(8, 8), channels=3, train=True, seed=5, epochs=3, workers=workers)
+    plain = collect(**kw)
+    assert len((tmp_path / "pids").read_text().split()) == 3 * 8  # 2 batches of 4 per epoch, each image decoded
+    (tmp_path / "pids").unlink()
+    cached = collect(cache_bytes=2**20, **kw)
+    for a, b in zip(plain, cached, strict=True):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images)
+    seen = {i for b in plain for i in b.indices.tolist()}
+    loads = (tmp_path / "pids").read_text().split()
+    if workers == 0:
+        assert len(loads) == len(seen)  # each image read once, then cropped from memory in every later epoch
+    else:  # each process keeps what it decoded: at most one read per image and process
+        assert len(seen) <= len(loads) <= workers * len(seen) < 3 * 8
+    # A budget of three images: the first three decoded stay, the others are read each time they come.
+    (tmp_path / "pids").unlink()
+    small = collect(cache_bytes=3 * 2304, **{**kw, "workers": 0})
+    assert all(torch.equal(a.images, b.images) for a, b in zip(plain, small, strict=True))
+    order = [i for b in plain for i in b.indices.tolist()]
+    kept = list(dict.fromkeys(order))[:3]
+    expected = len(order) - sum(order.count(i) - 1 for i in kept)
+    assert len((tmp_path / "pids").read_text().split()) == expected
+    with pytest.raises(ValueError, match="cache_bytes=-1: expected >= 0"):
+        batches(cache_bytes=-1, **kw)
+
+
 def test_unreadable_images_are_skipped_and_reported(tmp_path):
     (tmp_path / "val" / "ant").mkdir(parents=True)
     (tmp_path / "val" / "bee").mkdir(parents=True)

@@ -65,12 +65,15 @@ def test_eval_flip_scores_the_run_with_mirror_images(tmp_path):
 
 
 def test_same_seed_same_losses_bit_for_bit(tmp_path):
-    cfg = tiny(**{"train.steps": 6, "train.eval_every": 0, "augment.randaugment_ops": 2, "augment.mixup": 0.2})
+    run = {"train.steps": 6, "train.eval_every": 0, "augment.randaugment_ops": 2, "augment.mixup": 0.2}
+    cfg = tiny(**run)
     train(cfg, tmp_path / "a", progress="none")
     train(cfg, tmp_path / "b", progress="none")
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    train(tiny(**run, **{"data.cache": "1MiB"}), tmp_path / "cached", progress="none")
+    assert losses(tmp_path / "cached") == losses(tmp_path / "a")  # decoded images kept in memory: the same batches
     train(tiny(**{"train.steps": 6, "train.eval_every": 0, "train.seed": 1}), tmp_path / "c", progress="none")
     assert losses(tmp_path / "c") != losses(tmp_path / "a")
 

@@ -55,6 +55,7 @@ def test_ints_become_floats_and_lists_become_tuples():
         ({"train.ema_decay": 1.5}, "expected a value in (0, 1)"),
         ({"train.skip_nonfinite": 1.5}, "train.skip_nonfinite=1.5: expected int"),
         ({"data.workers": -1}, "data.workers=-1; expected >= 0"),
+        ({"data.cache": "lots"}, "data.cache='lots': memory size 'lots'; expected a number and a unit"),
         ({"model.overrides.patch_size": 5}, "is not divisible by the token stride 5 (patch_size=5"),
         ({"model.overrides.heads": 5}, "ViTConfig.width=192 is not divisible by heads=5"),
         ({"model.overrides.hybrid": [1], "model.overrides.stem_width": 48}, "ViTConfig.stem_width=48: the hybrid"),

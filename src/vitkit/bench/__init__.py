@@ -11,8 +11,9 @@
 Nothing here imports a peer's library until that peer is asked for.
 """
 
+from ..sizes import parse_size
 from .data import DataWait, PipelineSpeed, pipeline_speed, training_data_wait
-from .memory import MemoryFit, max_batch, parse_size, peak_memory
+from .memory import MemoryFit, max_batch, peak_memory
 from .peak import Peak, matmul_peak
 from .peers import PEERS, build_peer, load_model
 from .throughput import Throughput, compare, flops_per_image, make_step, measure

@@ -73,7 +73,7 @@ def _setting(args: argparse.Namespace, cfg: Any, device: Any) -> str:
 
 def _throughput(args: argparse.Namespace, model: Any, device: Any) -> None:
     from ..bench import compare, matmul_peak
-    from ..bench.memory import format_size
+    from ..sizes import format_size
 
     if args.batch < 1:
         raise ValueError(f"--batch {args.batch}; expected at least 1")
@@ -126,7 +126,7 @@ def _threads(device: Any) -> int | None:
 
 def _max_batch(args: argparse.Namespace, cfg: Any, device: Any) -> None:
     from ..bench import max_batch, parse_size
-    from ..bench.memory import format_size
+    from ..sizes import format_size
 
     if args.memory is None:
         raise ValueError("--max-batch needs --memory SIZE, the budget, e.g. --memory 16GiB")

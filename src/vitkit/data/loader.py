@@ -69,6 +69,7 @@ def batches(
     workers: int = 0,
     drop_last: bool | None = None,
     epochs: int | None = 1,
+    cache_bytes: int = 0,
 ) -> Iterator[Batch]:
     """This rank's batches for `epochs` epochs from `epoch` on (one by default; None: without end).
 
@@ -86,6 +87,9 @@ def batches(
         workers: decoding processes; 0 decodes here. The output does not depend on it.
         drop_last: leave out the last, partial global batch; defaults to `train`.
         epochs: epochs in one stream; the workers live across them, so no epoch waits for workers to start.
+        cache_bytes: decoded images kept in memory, up to this many bytes of pixels per decoding process, so that
+            later epochs of the stream crop them without reading or decoding the files again (0: none). The
+            output does not depend on it.
 
     Yields:
         Batch per global step, with unreadable images left out and listed in `skipped` (a batch whose images
@@ -97,8 +101,8 @@ def batches(
         raise ValueError(f"rank={rank}, world={world}: expected 0 <= rank < world")
     if batch_size < 1 or batch_size % world:
         raise ValueError(f"batch_size={batch_size} is not a positive multiple of world={world}")
-    if start < 0 or workers < 0:
-        raise ValueError(f"start={start}, workers={workers}: expected >= 0")
+    if start < 0 or workers < 0 or cache_bytes < 0:
+        raise ValueError(f"start={start}, workers={workers}, cache_bytes={cache_bytes}: expected >= 0")
     if epochs is not None and epochs < 1:
         raise ValueError(f"epochs={epochs}; expected >= 1 or None")
     drop_last = train if drop_last is None else drop_last
@@ -116,7 +120,7 @@ def batches(
                 yield e, global_batch[rank * local : (rank + 1) * local].tolist()
 
     img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    decoder = BatchDecoder(source, img_size, channels, train, preprocess, crop_scale, crop_ratio, seed)
+    decoder = BatchDecoder(source, img_size, channels, train, preprocess, crop_scale, crop_ratio, seed, cache_bytes)
     return _run(decoder, plan(), workers)
 
 
@@ -141,7 +145,7 @@ def _as_is(batch: Batch) -> Batch:
 
 
 class BatchDecoder(torch.utils.data.Dataset):
-    """Turns (epoch, source indices) into a Batch: decode, crop or resize, stack."""
+    """Turns (epoch, source indices) into a Batch: decode (or take from the cache), crop or resize, stack."""
 
     def __init__(
         self,
@@ -153,6 +157,7 @@ class BatchDecoder(torch.utils.data.Dataset):
         crop_scale: tuple[float, float],
         crop_ratio: tuple[float, float],
         seed: int,
+        cache_bytes: int = 0,
     ) -> None:
         self.source, self.img_size, self.channels, self.train = source, img_size, channels, train
         if preprocess is not None:  # the output size and channels asked for here win over the record's
@@ -163,6 +168,7 @@ class BatchDecoder(torch.utils.data.Dataset):
             preprocess = preprocess.resized(img_size)
         self.preprocess, self.crop_scale, self.crop_ratio = preprocess, crop_scale, crop_ratio
         self.seed = seed
+        self.cache_bytes, self._cache, self._cached_bytes = cache_bytes, {}, 0
 
     def __len__(self) -> int:
         return len(self.source)
@@ -194,7 +200,7 @@ class BatchDecoder(torch.utils.data.Dataset):
         if s_min > 0:
             m = math.ceil(max(w / math.sqrt(s_min * r_min), h * math.sqrt(r_max / s_min)))
             draft = (m, m)
-        image = self.source.load(i, self.channels, draft=draft)
+        image = self._load(i, draft)
         rng = np.random.default_rng([self.seed, epoch, int(i)])
         top, left, ch, cw = random_resized_crop_box(image.height, image.width, self.crop_scale, self.crop_ratio, rng)
         return image.resize((w, h), Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch))
@@ -206,10 +212,22 @@ class BatchDecoder(torch.utils.data.Dataset):
         # preprocessing decodes them and only much larger ones are downscaled on decode.
         crop_pct = self.preprocess.crop_pct if self.preprocess is not None else 1.0
         draft = (math.ceil(2 * w / crop_pct), math.ceil(2 * h / crop_pct))
-        image = self.source.load(i, self.channels, draft=draft)
+        image = self._load(i, draft)
         if self.preprocess is None:
             return image.resize((w, h), Image.Resampling.BILINEAR)
         return resize_crop(image, self.preprocess)
+
+    def _load(self, i: int, draft: tuple[int, int] | None) -> Image.Image:
+        """Image i decoded (at least `draft` large, the same for every call of this decoder), from the cache when
+        it is there; kept there while the cache has room."""
+        image = self._cache.get(i)
+        if image is None:
+            image = self.source.load(i, self.channels, draft=draft)
+            size = image.width * image.height * self.channels
+            if self._cached_bytes + size <= self.cache_bytes:
+                self._cache[i] = image
+                self._cached_bytes += size
+        return image
 
 
 def random_resized_crop_box(

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from ..models import resolve_config
+from ..sizes import parse_size
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 
@@ -32,6 +33,9 @@ class DataConfig:
     val_fraction: float = 0.1  # held out of a tree that has no val/ folder, by a seeded class-stratified shuffle
     split_seed: int = 0  # the seed of that split (`vitkit eval --split-seed` takes the same), apart from train.seed
     workers: int = 2  # decoding processes; 0 decodes in the training process
+    # Decoded training images kept in memory up to this size per decoding process, e.g. "1GiB", so that later epochs
+    # crop them without reading or decoding the files again; None: off. CIFAR-10's 50,000 images take 147 MiB.
+    cache: str | None = None
 
 
 @dataclass
@@ -163,6 +167,11 @@ class RunConfig:
         for name, (value, least, inclusive) in at_least.items():
             if value is not None and (value < least or (value == least and not inclusive)):
                 raise ValueError(f"{name}={value}; expected {'>=' if inclusive else '>'} {least}")
+        if self.data.cache is not None:
+            try:
+                parse_size(str(self.data.cache))
+            except ValueError as e:
+                raise ValueError(f"data.cache={self.data.cache!r}: {e}") from None
         self._validate_model()
 
     def _validate_model(self) -> None:

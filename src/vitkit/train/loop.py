@@ -29,6 +29,7 @@ from ..data import batches, open_source, steps_per_epoch
 from ..data.augment import DeviceAugment
 from ..evaluate import EvalResult, auto_precision, autocast, evaluate, write_report
 from ..models import VisionTransformer, create_model
+from ..sizes import parse_size
 from . import distributed
 from .config import RunConfig
 from .ema import ModelEma
@@ -223,6 +224,7 @@ def _stream(train_src, cfg: RunConfig, model, proc: distributed.Dist, spe: int, 
         train_src, batch_size=cfg.train.batch_size, img_size=model.cfg.img_size, channels=model.cfg.in_chans,
         train=True, crop_scale=a.crop_scale, crop_ratio=a.crop_ratio, seed=cfg.train.seed, epoch=step // spe,
         start=step % spe, rank=proc.rank, world=proc.world, workers=cfg.data.workers, epochs=None,
+        cache_bytes=parse_size(str(cfg.data.cache)) if cfg.data.cache is not None else 0,
     )  # fmt: skip
 
 
