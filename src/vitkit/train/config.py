@@ -169,7 +169,7 @@ class RunConfig:
                 raise ValueError(f"{name}={value}; expected {'>=' if inclusive else '>'} {least}")
         if self.data.cache is not None:
             try:
-                parse_size(str(self.data.cache))
+                parse_size(self.data.cache)
             except ValueError as e:
                 raise ValueError(f"data.cache={self.data.cache!r}: {e}") from None
         self._validate_model()

@@ -224,7 +224,7 @@ def _stream(train_src, cfg: RunConfig, model, proc: distributed.Dist, spe: int, 
         train_src, batch_size=cfg.train.batch_size, img_size=model.cfg.img_size, channels=model.cfg.in_chans,
         train=True, crop_scale=a.crop_scale, crop_ratio=a.crop_ratio, seed=cfg.train.seed, epoch=step // spe,
         start=step % spe, rank=proc.rank, world=proc.world, workers=cfg.data.workers, epochs=None,
-        cache_bytes=parse_size(str(cfg.data.cache)) if cfg.data.cache is not None else 0,
+        cache_bytes=parse_size(cfg.data.cache) if cfg.data.cache is not None else 0,
     )  # fmt: skip
 
 
