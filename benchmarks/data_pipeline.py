@@ -8,8 +8,12 @@ normalise on the device (`DeviceAugment`, as the training loop calls it), with n
 size, augmentation and number of loader workers; "per worker" divides by the decoding processes (the main process
 when workers=0). The peer of each row is the same pipeline decoding in the main process (workers=0), measured in
 the same run: "x w0" is the speed-up over it. "wait" and "augment" split the wall time: with workers=0 "wait" is
-all of decode + crop, with workers it is the part the workers did not hide. "epochs" counts loader restarts
-inside the timed window (a new epoch starts new workers, in training too).
+all of decode + crop, with workers it is the part the workers did not hide. "epochs" counts the epochs begun
+inside the timed window (the workers carry on across them, as in training). With `--cache SIZE` (as `data.cache`)
+and a `--warmup` of an epoch or more (several with workers: each keeps what it decoded), the rows time the
+pipeline cropping decoded images from memory:
+
+    .venv/bin/python benchmarks/data_pipeline.py --datasets ants --warmup 24 --batches 30 --cache 512MiB --wait-steps 0
 
 Datasets:
   ants   ../shared/datasets/hymenoptera_ants_bees: 245 training photos, JPEGs of about 500x375, at 224 px
@@ -35,6 +39,7 @@ import torch
 
 from vitkit.bench.data import PipelineSpeed, pipeline_speed, training_data_wait
 from vitkit.cli import parse_overrides
+from vitkit.sizes import format_size, parse_size
 from vitkit.train import load_config
 from vitkit.train.config import AugmentConfig
 
@@ -70,7 +75,13 @@ def main() -> None:
     p.add_argument("--cifar-sizes", type=int, nargs="+", default=[32, 224])
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader worker counts")
     p.add_argument("--batch", type=int, default=64, help="images per batch")
-    p.add_argument("--batches", type=int, default=20, help="timed batches per row, after one warm-up batch")
+    p.add_argument("--batches", type=int, default=20, help="timed batches per row, after the warm-up")
+    p.add_argument("--warmup", type=int, default=1, help="untimed batches per row first")
+    p.add_argument(
+        "--cache", default="0", metavar="SIZE",
+        help="decoded-image cache per decoding process, as data.cache (e.g. 256MiB); with --warmup of an epoch or "
+        "more, the rows time cropping from memory",
+    )  # fmt: skip
     p.add_argument(
         "--augment", nargs="+", default=["basic"], help="off (evaluation path), basic (crop + flip) or a recipe name"
     )
@@ -82,10 +93,15 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="data-wait overrides")
     p.add_argument("--json", action="store_true", help="also print every result as a JSON line")
     args = p.parse_args()
+    try:
+        cache_bytes = parse_size(args.cache)
+    except ValueError as e:
+        p.error(f"--cache: {e}")
 
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, augment on {args.device}"
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, augment on {args.device}, "
+        f"{args.warmup} warm-up batches, cache {format_size(cache_bytes) if cache_bytes else 'none'}"
     )
     datasets = {"ants": (args.ants, args.ants_sizes), "cifar": (args.cifar, args.cifar_sizes)}
     header = f"{'data':<6} {'size':>7} {'augment':>8} {'workers':>7} {'images':>6} {'s':>7} {'img/s':>8} "
@@ -102,7 +118,8 @@ def main() -> None:
                 for workers in args.workers:
                     r = pipeline_speed(
                         path, img_size=size, batch_size=args.batch, workers=workers, augment=augment_config(aug),
-                        num_batches=args.batches, device=args.device,
+                        num_batches=args.batches, warmup_batches=args.warmup, cache_bytes=cache_bytes,
+                        device=args.device,
                     )  # fmt: skip
                     base = r if workers == 0 else base
                     print(row(name, aug, r, base), flush=True)

@@ -99,3 +99,18 @@ def test_training_data_wait_is_a_fraction_and_sees_a_slow_loader(tree, monkeypat
     assert w.fraction == w.wait_seconds / w.seconds
     assert 3 * 8 * 0.02 <= w.wait_seconds < w.seconds
     assert w.images_per_s == pytest.approx(3 * 8 / w.seconds)
+
+
+def test_a_warm_cache_times_cropping_from_memory(tree, monkeypatch):
+    loads = []
+    load = ImageFiles.load
+    monkeypatch.setattr(ImageFiles, "load", lambda self, i, *a, **k: loads.append(i) or load(self, i, *a, **k))
+    # 32 training images in batches of 8: the 4 warm-up batches are one epoch, the 5 timed ones the next two.
+    plain = pipeline_speed(tree, img_size=16, batch_size=8, num_batches=5, warmup_batches=4)
+    assert (plain.images, plain.epoch_starts, len(loads)) == (40, 2, 32 + 40)
+    loads.clear()
+    cached = pipeline_speed(tree, img_size=16, batch_size=8, num_batches=5, warmup_batches=4, cache_bytes=2**20)
+    assert (cached.images, cached.epoch_starts) == (40, 2)
+    assert sorted(loads) == list(range(32))  # each image read once, in the warm-up epoch; none in the timed window
+    with pytest.raises(ValueError, match="warmup_batches=0; expected >= 1 each"):
+        pipeline_speed(tree, img_size=16, warmup_batches=0)

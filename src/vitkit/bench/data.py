@@ -72,6 +72,8 @@ def pipeline_speed(
     workers: int = 0,
     augment: bool | AugmentConfig = True,
     num_batches: int = 10,
+    warmup_batches: int = 1,
+    cache_bytes: int = 0,
     split: str = "train",
     channels: int = 3,
     device: str | torch.device = "cpu",
@@ -79,10 +81,10 @@ def pipeline_speed(
 ) -> PipelineSpeed:
     """Images/s of the input pipeline alone: loader (decode + crop) and batched device augment + normalise.
 
-    One warm-up batch (which also starts the workers) is delivered and augmented untimed; then `num_batches`
-    batches are timed from the moment the warm-up finished until the last one is augmented on the device. The
-    stream runs epoch after epoch with the same workers, as training's does (`epoch_starts` counts the epochs
-    begun inside the window).
+    `warmup_batches` batches (the first also starts the workers) are delivered and augmented untimed; then
+    `num_batches` batches are timed from the moment the warm-up finished until the last one is augmented on the
+    device. The stream runs epoch after epoch with the same workers, as training's does (`epoch_starts` counts
+    the epochs begun inside the window).
 
     Where the time goes: with workers=0 everything runs in this process, one after the other, so `wait_seconds`
     is exactly the decode + crop + stack time and `augment_seconds` the device part. With workers the two
@@ -97,14 +99,17 @@ def pipeline_speed(
         augment: True for the training pipeline with the default `AugmentConfig` (RandomResizedCrop 0.08-1 and
             flips), an `AugmentConfig` for that one (a recipe's `augment` section), False for the evaluation
             pipeline (resize straight to `img_size`, normalise).
-        num_batches: timed batches after the warm-up batch.
+        num_batches: timed batches after the warm-up.
+        warmup_batches: untimed batches first; with a cache, an epoch's worth (several with workers, each of
+            which keeps what it decoded) times the pipeline cropping from memory.
+        cache_bytes: `vitkit.data.batches`' cache of decoded images, per decoding process (0: none).
         split: the dataset split to read.
         channels: 3 (RGB) or 1 (grey); images of the other kind are converted.
         device: where the augmentation runs, as in training.
         seed: seeds the order, the crops and the device augmentation.
     """
-    if num_batches < 1:
-        raise ValueError(f"num_batches={num_batches}; expected >= 1")
+    if num_batches < 1 or warmup_batches < 1:
+        raise ValueError(f"num_batches={num_batches}, warmup_batches={warmup_batches}; expected >= 1 each")
     source = open_source(path, split)
     size = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
     device = torch.device(device)
@@ -112,7 +117,7 @@ def pipeline_speed(
     prep = Preprocess(img_size=size, mean=Preprocess().mean[:1] * channels, std=Preprocess().std[:1] * channels)
     if cfg is not None:
         device_augment = DeviceAugment(cfg, prep.mean, prep.std, max(1, len(source.classes)))
-    stream = _epochs(source, cfg, prep, batch_size, channels, workers, seed)
+    stream = _epochs(source, cfg, prep, batch_size, channels, workers, seed, cache_bytes)
 
     def step(i: int, batch: Batch) -> None:
         # As the training loop: copy the uint8 batch over, then augment with a generator seeded by the step.
@@ -125,11 +130,12 @@ def pipeline_speed(
             torch.cuda.synchronize(device)
 
     try:
-        first = next(stream)
-        step(0, first)
+        for i in range(warmup_batches):
+            warm = next(stream)
+            step(i, warm)
         images, wait, busy = 0, 0.0, 0.0
         start = tick = time.perf_counter()
-        for i in range(1, num_batches + 1):
+        for i in range(warmup_batches, warmup_batches + num_batches):
             batch = next(stream)
             got = time.perf_counter()
             step(i, batch)
@@ -152,7 +158,7 @@ def pipeline_speed(
         images_per_s_per_worker=images / seconds / max(workers, 1),
         wait_seconds=wait,
         augment_seconds=busy,
-        epoch_starts=batch.epoch,
+        epoch_starts=batch.epoch - warm.epoch,
     )
 
 
@@ -164,6 +170,7 @@ def _epochs(
     channels: int,
     workers: int,
     seed: int,
+    cache_bytes: int,
 ) -> Iterator[Batch]:
     """Batches for ever, one `vitkit.data.batches` stream across epochs, as the training loop's `_stream`."""
     if augment is None:  # the evaluation path, as `vitkit.evaluate` builds it
@@ -172,7 +179,7 @@ def _epochs(
         kw = dict(train=True, crop_scale=augment.crop_scale, crop_ratio=augment.crop_ratio)
     return batches(
         source, batch_size=batch_size, img_size=prep.img_size, channels=channels, seed=seed, workers=workers,
-        epochs=None, **kw,
+        epochs=None, cache_bytes=cache_bytes, **kw,
     )  # fmt: skip
 
 
