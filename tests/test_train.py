@@ -192,6 +192,25 @@ def test_cli_train_interrupt_resume_eval_predict(tmp_path, capsys):
     assert pred["labels"][0] in [str(i) for i in range(10)] and 0 < pred["probs"][0] <= 1
 
 
+def test_progress_off_a_terminal_is_a_plain_line_per_record(tmp_path, capsys):
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in {**TINY, "train.steps": 4}.items()]
+    assert main(["train", "--out", str(tmp_path / "run"), *sets]) == 0  # stderr is captured here: not a terminal
+    err = capsys.readouterr().err
+    assert "\r" not in err and "it/s" not in err and "step/s" not in err  # no bar redrawn into the log
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    lines = [line for line in err.splitlines() if line.startswith(("step ", "eval @"))]
+    assert len(lines) == len(records) and [r["kind"] for r in records] == ["train"] * 4 + ["eval"]
+    for line, r in zip(lines, records, strict=True):
+        if r["kind"] == "train":
+            assert line.startswith(f"step {r['step']}/4 (epoch {r['epoch']:.2f}): loss {r['loss']:.4f}, ")
+            assert f"{r['images_per_s']:.0f} images/s, ETA 0:00:0" in line
+        else:
+            assert line == (
+                f"eval @ step {r['step']} (epoch {r['epoch']:.2f}): top-1 {r['top1']:.2%}, "
+                f"top-5 {r['top5']:.2%}, loss {r['loss']:.4f}"
+            )
+
+
 def test_reinit_blocks_gives_the_last_blocks_of_the_init_checkpoint_fresh_weights(tmp_path):
     from vitkit import create_model, save_pretrained
     from vitkit.train.loop import build_model

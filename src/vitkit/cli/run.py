@@ -137,7 +137,10 @@ def add_train(sub: Subparsers) -> None:
     p.add_argument("--out", help="the run directory (default: runs/<recipe or data name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
-    p.add_argument("--progress", choices=["bar", "json", "none"], default="bar", help="json: one record per line")
+    p.add_argument(
+        "--progress", choices=["bar", "json", "none"], default="bar",
+        help="bar: a progress bar (on a log file, a plain line per record); json: one record per line",
+    )  # fmt: skip
     p.set_defaults(func=cmd_train)
 
 

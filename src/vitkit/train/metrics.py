@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +15,18 @@ from tqdm import tqdm
 class MetricsLog:
     """Appends records ({"kind": "train" | "eval", "step": ..., ...}) to metrics.jsonl.
 
-    `progress` chooses the terminal output: "bar" (a tqdm bar with images/s, ETA, loss and lr), "json" (each
-    record as one JSON line on stdout, for programs) or "none".
+    `progress` chooses the terminal output: "bar" (a tqdm bar with images/s, ETA, loss and lr; where stderr is
+    not a terminal, as in a log file, one plain line per record instead), "json" (each record as one JSON line on
+    stdout, for programs) or "none".
     """
 
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress: str = "bar"):
         self.path = run_dir / "metrics.jsonl"
         self.progress = progress
-        self.bar = (
-            tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True) if progress == "bar" else None
-        )
+        self.total_steps, self.start_step, self.start_time = total_steps, start_step, time.perf_counter()
+        on_terminal = progress == "bar" and sys.stderr.isatty()
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True) if on_terminal else None
+        self.lines = progress == "bar" and not on_terminal
         self.tb = _tensorboard(run_dir)
 
     def step(self, n: int = 1) -> None:
@@ -39,8 +43,14 @@ class MetricsLog:
             self.bar.set_postfix(
                 loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.0f}"
             )
-        elif self.bar is not None:
-            self.bar.write(
+        elif self.lines and record["kind"] == "train":
+            print(
+                f"step {record['step']}/{self.total_steps} (epoch {record['epoch']:.2f}): loss {record['loss']:.4f}, "
+                f"lr {record['lr']:.2e}, {record['images_per_s']:.0f} images/s, ETA {self._eta(record['step'])}",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+        elif self.bar is not None or self.lines:
+            self.message(
                 f"eval @ step {record['step']} (epoch {record['epoch']:.2f}): top-1 {record['top1']:.2%}, "
                 f"top-5 {record['top5']:.2%}, loss {record['loss']:.4f}"
             )
@@ -53,7 +63,15 @@ class MetricsLog:
         if self.bar is not None:
             self.bar.write(text)
         elif self.progress != "none":
-            print(text, file=sys.stderr)
+            print(text, file=sys.stderr, flush=True)
+
+    def _eta(self, step: int) -> str:
+        """The time left at the pace since this process started (h:mm:ss), or ? before a step is done."""
+        done = step - self.start_step
+        if done <= 0:
+            return "?"
+        left = (time.perf_counter() - self.start_time) / done * (self.total_steps - step)
+        return str(timedelta(seconds=round(left)))
 
     def close(self) -> None:
         if self.bar is not None:
