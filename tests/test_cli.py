@@ -20,7 +20,7 @@ def test_models_lists_variants_with_exact_counts(capsys):
     assert "vit_s16" not in out
 
 
-def test_create_convert_predict(tmp_path, capsys):
+def test_create_convert_predict(tmp_path, capsys, caplog):
     tiny = ["--set", "img_size=32", "--set", "patch_size=8", "--set", "width=32", "--set", "depth=2",
             "--set", "heads=4", "--set", "mlp_dim=64", "--set", "num_classes=3"]  # fmt: skip
     assert main(["create", "vit_ti16", str(tmp_path / "m"), *tiny]) == 0
@@ -34,13 +34,16 @@ def test_create_convert_predict(tmp_path, capsys):
         Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)).convert(mode).save(images / f"{i}.png")
     (images / "broken.jpg").write_bytes(b"<html>not an image</html>")
     capsys.readouterr()
-    assert main(["predict", str(tmp_path / "m2"), str(images), "--topk", "2", "--format", "json"]) == 0
+    # An unreadable image does not stop the others; the exit status says one was not read.
+    assert main(["predict", str(tmp_path / "m2"), str(images), "--topk", "2", "--format", "json"]) == 1
     results = json.loads(capsys.readouterr().out)
+    assert "could not read 1 of 4 image(s)" in caplog.text
     assert [r["path"].rsplit("/", 1)[-1] for r in results] == ["0.png", "1.png", "2.png", "broken.jpg"]
     for r in results[:3]:
         assert len(r["labels"]) == 2 and set(r["labels"]) <= {"class_0", "class_1", "class_2"}
         assert 0 < r["probs"][1] <= r["probs"][0] < 1
     assert results[3]["labels"] == [] and "an HTML/XML page, not an image" in results[3]["error"]
+    (images / "broken.jpg").unlink()  # every image read: exit 0
     assert main(["predict", str(tmp_path / "m2"), str(images), "--topk", "3", "--format", "json"]) == 0
     fp32 = json.loads(capsys.readouterr().out)
     assert (
@@ -101,7 +104,7 @@ def test_predict_annotate(tmp_path, capsys):
     out = tmp_path / "annotated"
     inputs = [str(tmp_path / "a"), str(tmp_path / "b")]
     capsys.readouterr()
-    assert main(["predict", str(tmp_path / "m"), *inputs, "--annotate", str(out), "--format", "json"]) == 0
+    assert main(["predict", str(tmp_path / "m"), *inputs, "--annotate", str(out), "--format", "json"]) == 1
     results = json.loads(capsys.readouterr().out)  # stdout stays pure JSON
     assert sorted(p.name for p in out.iterdir()) == ["0.png", "0_1.png"]  # same names get a suffix; none for broken
     for path, copy in [(tmp_path / "a" / "0.png", out / "0.png"), (tmp_path / "b" / "0.png", out / "0_1.png")]:
@@ -115,7 +118,7 @@ def test_predict_annotate(tmp_path, capsys):
 
     assert main(["predict", str(tmp_path / "m"), *inputs, "--annotate", str(out)]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
-    assert main(["predict", str(tmp_path / "m"), *inputs, "--annotate", str(out), "--overwrite"]) == 0
+    assert main(["predict", str(tmp_path / "m"), *inputs, "--annotate", str(out), "--overwrite"]) == 1
     # The originals are never written, --overwrite or not.
     assert main(["predict", str(tmp_path / "m"), inputs[0], "--annotate", inputs[0], "--overwrite"]) == 2
     assert "is one of the input images" in capsys.readouterr().err

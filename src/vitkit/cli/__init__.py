@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="vitkit: %(message)s")
     keep_freed_memory()  # the process is the command's: large activations are reused, not faulted in per batch
     try:
-        args.func(args)
+        status = args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ImportError) as e:
         print(f"vitkit {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0

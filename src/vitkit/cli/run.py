@@ -16,7 +16,8 @@ from .args import Subparsers, add_flip, add_precision, add_set, parse_overrides
 log = logging.getLogger("vitkit")
 
 
-def cmd_predict(args: argparse.Namespace) -> None:
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Exits 1 when an image could not be read, after predicting on the rest (as `cp` or `gzip` do)."""
     from ..predict import annotate, annotated_paths, class_names, expand_images, predict
 
     if args.backend == "onnx":
@@ -53,6 +54,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
                 print(f"    could not read: {r.error}")
             for label, p in zip(r.labels, r.probs, strict=True):
                 print(f"    {p:7.2%}  {label}")
+    unread = sum(bool(r.error) for r in results)
+    if unread:
+        log.warning("could not read %d of %d image(s)", unread, len(results))
+    return 1 if unread else 0
 
 
 def cmd_train(args: argparse.Namespace) -> None:
