@@ -103,21 +103,6 @@ def test_hflip():
     assert 420 < flipped.sum() < 580
 
 
-def test_rotation_labels_turn_each_image_and_name_the_turn_in_its_target():
-    x, labels = images(400), torch.arange(400) % 10
-    out, targets = DeviceAugment(AugmentConfig(**{**OFF, "rotation_labels": True}), MEAN, STD, 40)(x, labels, gen(0))
-    y = targets.argmax(1)
-    assert torch.equal(targets.sum(1), torch.ones(400)) and torch.equal(y // 4, labels)
-    turns = y % 4
-    for i in range(400):
-        assert torch.equal(out[i], normalize(torch.rot90(x[i : i + 1], int(turns[i]), dims=(2, 3)), MEAN, STD)[0])
-    assert all(70 < (turns == k).sum() < 130 for k in range(4))
-    with pytest.raises(ValueError, match="rotation_labels needs square images; got 16x12"):
-        DeviceAugment(AugmentConfig(rotation_labels=True), MEAN, STD, 40)(images(2, w=12), torch.zeros(2), gen(0))
-    with pytest.raises(ValueError, match=r"num_classes=10; .*multiple of 4 with augment\.rotation_labels"):
-        augment(classes=10, rotation_labels=True)
-
-
 def test_determinism():
     full = dict(hflip=0.5, randaugment_ops=2, randaugment_magnitude=9, erasing=0.25, mixup=0.8, cutmix=1.0)
     full.update(label_smoothing=0.1)

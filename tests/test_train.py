@@ -246,23 +246,3 @@ def test_reinit_blocks_gives_the_last_blocks_of_the_init_checkpoint_fresh_weight
     torch.manual_seed(0)
     same = build_model(tiny(**{"model.reinit_blocks": 1}), classes).state_dict()
     assert all(torch.equal(plain[n], same[n]) for n in plain)
-
-
-def test_rotation_labels_train_a_four_fold_head_and_keep_its_upright_outputs(tmp_path):
-    from vitkit.evaluate import evaluate
-    from vitkit.train.loop import build_model
-    from vitkit.train.state import load_state
-
-    cfg = tiny(**{"train.steps": 20, "train.eval_every": 0, "augment.rotation_labels": True})
-    out = train(cfg, tmp_path, progress="none")
-    saved = load_pretrained(tmp_path / "model").eval()
-    full = build_model(cfg, saved.classes).eval()
-    full.load_state_dict(load_state(tmp_path / "checkpoints" / "last.pt")["model"])
-    assert full.cfg.num_classes == 40 and saved.cfg.num_classes == 10 and len(saved.classes) == 10
-    x = torch.randn(5, 1, 8, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(saved(x), full(x)[:, ::4], rtol=0, atol=0)
-    assert out["loss"] == pytest.approx(evaluate(saved, open_source(None, "val")).loss, abs=1e-6)
-    with pytest.raises(ValueError, match=r"rotation_labels needs a square model.img_size; got \[8, 6\]"):
-        train(tiny(**{"augment.rotation_labels": True, "model.img_size": [8, 6]}), tmp_path / "wide", progress="none")
-    assert not (tmp_path / "wide").exists()

@@ -1,7 +1,7 @@
 """Training augmentation, batched on the device, after the loader has produced uint8 crops.
 
-    uint8 (B,C,H,W) -> quarter turns (with rotation labels) -> horizontal flip -> RandAugment -> normalise
-                    -> random erasing -> mixup / cutmix -> float32 (B,C,H,W) and soft targets (B,K)
+    uint8 (B,C,H,W) -> horizontal flip -> RandAugment -> normalise -> random erasing -> mixup / cutmix
+                    -> float32 (B,C,H,W) and soft targets (B,K)
 
 Each step works on the whole batch at once: per-sample choices are masks and per-sample parameters, never a
 Python loop over samples (RandAugment loops over its 14 op types, each applied to the samples that drew it).
@@ -28,7 +28,6 @@ import torch.nn.functional as F
 if TYPE_CHECKING:  # only for the annotation: vitkit.train imports vitkit.data, which may import this module
     from vitkit.train.config import AugmentConfig
 
-TURNS = 4  # the quarter turns of `rotation_labels`
 FILL = 128.0  # the value geometric ops give pixels that come from outside the image
 Tensor = torch.Tensor
 
@@ -57,10 +56,10 @@ class DeviceAugment:
     """The device half of the training augmentation in `AugmentConfig` (cropping runs on the loader workers).
 
     Args:
-        cfg: the augmentation config; `rotation_labels`, `hflip`, `randaugment_*`, `erasing`, `mixup`, `cutmix`,
-            `mix_prob` and `label_smoothing` are used here.
+        cfg: the augmentation config; `hflip`, `randaugment_*`, `erasing`, `mixup`, `cutmix`, `mix_prob` and
+            `label_smoothing` are used here.
         mean, std: per-channel normalisation of pixels scaled to [0, 1].
-        num_classes: K, the width of the targets (with `rotation_labels`: 4 x the dataset's classes).
+        num_classes: K, the width of the targets.
     """
 
     def __init__(self, cfg: AugmentConfig, mean: Sequence[float], std: Sequence[float], num_classes: int):
@@ -74,10 +73,8 @@ class DeviceAugment:
             )
         if cfg.mixup < 0 or cfg.cutmix < 0:
             raise ValueError(f"augment.mixup={cfg.mixup}, augment.cutmix={cfg.cutmix}; expected alphas >= 0 (0: off)")
-        if num_classes < 1 or (cfg.rotation_labels and num_classes % TURNS):
-            raise ValueError(
-                f"num_classes={num_classes}; expected >= 1, and a multiple of {TURNS} with augment.rotation_labels"
-            )
+        if num_classes < 1:
+            raise ValueError(f"num_classes={num_classes}; expected >= 1")
         self.cfg, self.mean, self.std, self.num_classes = cfg, tuple(mean), tuple(std), num_classes
 
     def __call__(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -87,10 +84,8 @@ class DeviceAugment:
             raise ValueError(
                 f"DeviceAugment: expected uint8 (B,C,H,W) images, got {images.dtype} {tuple(images.shape)}"
             )
-        x, labels = images.float(), labels.to(images.device)
-        if cfg.rotation_labels:
-            x, labels = quarter_turns(x, labels, generator)
-        targets = soft_targets(labels, self.num_classes, cfg.label_smoothing)
+        x = images.float()
+        targets = soft_targets(labels.to(images.device), self.num_classes, cfg.label_smoothing)
         if x.shape[0] == 0:
             return normalize(x, self.mean, self.std), targets
         if cfg.hflip > 0:
@@ -111,19 +106,6 @@ class DeviceAugment:
 def _rand(generator: torch.Generator, *shape: int) -> Tensor:
     # Drawn on the generator's own device (a CUDA generator draws on the GPU), moved by the caller if needed.
     return torch.rand(shape, generator=generator, device=generator.device)
-
-
-def quarter_turns(x: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Each square image turned counter-clockwise by k x 90 degrees, k drawn uniformly from 0-3 per image; label
-    y becomes TURNS * y + k, so that the upright outputs of a (class, turn) head are every TURNS-th."""
-    if x.shape[-1] != x.shape[-2]:
-        raise ValueError(f"augment.rotation_labels needs square images; got {x.shape[-2]}x{x.shape[-1]}")
-    k = (_rand(generator, x.shape[0]) * TURNS).long().clamp_(max=TURNS - 1).to(x.device)
-    out = x.clone()
-    for turn in range(1, TURNS):
-        idx = (k == turn).nonzero().squeeze(1)
-        out[idx] = torch.rot90(x[idx], turn, dims=(-2, -1))
-    return out, labels.long() * TURNS + k
 
 
 def random_hflip(x: Tensor, prob: float, generator: torch.Generator) -> Tensor:

@@ -52,9 +52,6 @@ class AugmentConfig:
     mix_prob: float = 1.0  # probability that a batch is mixed at all
     erasing: float = 0.0  # random-erasing probability per image
     label_smoothing: float = 0.0
-    # Self-supervised label augmentation (Lee et al. 2020): each image turned by a random multiple of 90 degrees and
-    # a head of 4K outputs learning (class, turn); evaluation and the saved model keep the upright outputs.
-    rotation_labels: bool = False
 
 
 @dataclass

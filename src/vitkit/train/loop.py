@@ -8,7 +8,6 @@ scaler and the EMA to continue exactly as if it had never stopped.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import itertools
 import json
@@ -27,7 +26,7 @@ import yaml
 from ..allocator import keep_freed_memory
 from ..checkpoints import load_pretrained, save_pretrained
 from ..data import batches, open_source, steps_per_epoch
-from ..data.augment import TURNS, DeviceAugment
+from ..data.augment import DeviceAugment
 from ..evaluate import EvalResult, auto_precision, autocast, evaluate, write_report
 from ..models import VisionTransformer, create_model
 from ..sizes import parse_size
@@ -117,8 +116,6 @@ def _train(
         )
     torch.manual_seed(t.seed)  # the initial weights
     model = build_model(cfg, train_src.classes).to(device)
-    if cfg.augment.rotation_labels and model.cfg.img_size[0] != model.cfg.img_size[1]:
-        raise ValueError(f"augment.rotation_labels needs a square model.img_size; got {list(model.cfg.img_size)}")
     freeze(model, o.freeze)
     optimizer = build_optimizer(model, o)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
@@ -183,14 +180,13 @@ def _train(
             if step % t.log_every == 0 or step == total:
                 log.write(_train_record(step, spe, lr, interval))
             if step % eval_interval == 0 or step == total:
-                scored = classifier(cfg, ema.module if ema else model)
-                last_eval = _evaluate(cfg, scored, val_src, device, proc, step, spe, log)
+                last_eval = _evaluate(cfg, ema.module if ema else model, val_src, device, proc, step, spe, log)
                 model.train()
                 if last_eval is not None:
                     skipped.record(last_eval.skipped)
                 if proc.main and last_eval is not None and last_eval.top1 > best:
                     best = last_eval.top1
-                    _save_model(scored, run_dir / "best")
+                    _save_model(ema.module if ema else model, run_dir / "best")
             interrupted = stop.requested()
             if step % save_interval == 0 or step == total or interrupted:
                 skipped.write(proc.main)  # before the checkpoint: a crash between the two loses no skip
@@ -208,15 +204,13 @@ def _train(
     log.close()
     if last_eval is None and step >= total and val_src is not None:
         # Resumed after its last step (stopped while writing the final model): the report is all that is left.
-        last_eval = _evaluate(
-            cfg, classifier(cfg, ema.module if ema else model), val_src, device, proc, step, spe, None
-        )
+        last_eval = _evaluate(cfg, ema.module if ema else model, val_src, device, proc, step, spe, None)
     summary = {"step": step, "total_steps": total, "best_top1": best, "skipped": len(skipped)}
     if interrupted:
         log.message(f"stopped by a signal at step {step}; continue with: vitkit train --resume --out {run_dir}")
         return {**summary, "interrupted": True}
     if proc.main:
-        _save_model(classifier(cfg, ema.module if ema else model), run_dir / "model")
+        _save_model(ema.module if ema else model, run_dir / "model")
         _finish_plots(run_dir, last_eval)
     if last_eval is not None:
         summary.update(top1=last_eval.top1, top5=last_eval.top5, loss=last_eval.loss)
@@ -241,7 +235,7 @@ def build_model(cfg: RunConfig, classes: list[str]) -> VisionTransformer:
     overrides = dict(m.overrides)
     if m.img_size is not None:
         overrides["img_size"] = m.img_size
-    overrides["num_classes"] = len(classes) * (TURNS if cfg.augment.rotation_labels else 1)
+    overrides["num_classes"] = len(classes)
     if m.init:
         model = load_pretrained(m.init, **overrides)
         try:
@@ -253,21 +247,6 @@ def build_model(cfg: RunConfig, classes: list[str]) -> VisionTransformer:
     model.classes = list(classes)
     model.set_grad_checkpointing(m.grad_checkpointing)
     return model
-
-
-def classifier(cfg: RunConfig, model: VisionTransformer) -> VisionTransformer:
-    """The model that evaluation sees and the run saves: `model` itself, or for a run with rotation labels a copy
-    whose head keeps the outputs of the upright images (the "single inference" of Lee et al. 2020)."""
-    if not cfg.augment.rotation_labels:
-        return model
-    upright = copy.deepcopy(model)
-    rows = slice(0, None, TURNS)
-    upright.head = type(model.head)(model.head.in_features, model.head.out_features // TURNS).to(model.head.weight)
-    with torch.no_grad():
-        upright.head.weight.copy_(model.head.weight[rows])
-        upright.head.bias.copy_(model.head.bias[rows])
-    upright.cfg = dataclasses.replace(model.cfg, num_classes=upright.head.out_features)
-    return upright
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
