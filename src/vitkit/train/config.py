@@ -1,8 +1,8 @@
 """The training configuration: typed dataclasses, read from recipe YAML files and dotted `--set` overrides.
 
 A recipe (a YAML file, or the name of one in `vitkit/recipes/`) has one mapping per section (`data`, `augment`,
-`model`, `optim`, `schedule`, `train`); anything left out keeps the defaults below. The resolved config is
-written into every run directory and is what a resumed run reads back.
+`model`, `optim`, `schedule`, `train`, `distill`); anything left out keeps the defaults below. The resolved config
+is written into every run directory and is what a resumed run reads back.
 """
 
 from __future__ import annotations
@@ -105,6 +105,15 @@ class TrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (`vitkit.train.distill`): targets mixed with the teachers' predictions."""
+
+    teachers: list[str] = field(default_factory=list)  # checkpoints of any format, with the run's classes; averaged
+    weight: float = 0.5  # the teachers' share of each target: (1 - weight) * labels + weight * teachers
+    hard: bool = False  # the teachers' top class as a one-hot label (DeiT's hard distillation) instead of probabilities
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -112,6 +121,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -172,6 +182,11 @@ class RunConfig:
                 parse_size(self.data.cache)
             except ValueError as e:
                 raise ValueError(f"data.cache={self.data.cache!r}: {e}") from None
+        if not 0 < self.distill.weight <= 1:
+            raise ValueError(f"distill.weight={self.distill.weight}; expected a fraction in (0, 1]")
+        for path in self.distill.teachers:
+            if not Path(path).exists():
+                raise FileNotFoundError(f"distill.teachers: {path}: no such checkpoint file or directory")
         self._validate_model()
 
     def _validate_model(self) -> None:
@@ -274,6 +289,12 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ValueError(f"{where}={value!r}: expected a list of {len(args)} ({_name(hint)})")
         return tuple(_coerce(a, v, where) for a, v in zip(args, value, strict=True))
+    if origin is list:
+        if isinstance(value, str):  # one path for a list of paths
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}={value!r}: expected a list ({_name(hint)})")
+        return [_coerce(args[0], v, where) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{where}={value!r}: expected a mapping")

@@ -32,6 +32,7 @@ from ..models import VisionTransformer, create_model
 from ..sizes import parse_size
 from . import distributed
 from .config import RunConfig
+from .distill import Teachers
 from .ema import ModelEma
 from .metrics import MetricsLog, read_metrics
 from .optim import build_optimizer, freeze, lr_at, set_lr, warmup_steps
@@ -122,6 +123,7 @@ def _train(
     ema = ModelEma(model, t.ema_decay) if t.ema_decay else None
     prep = model.preprocess
     augment = DeviceAugment(cfg.augment, prep.mean, prep.std, model.cfg.num_classes)
+    teachers = Teachers.load(cfg.distill, train_src.classes, model, device, t.precision)
 
     state = _prepare_run_dir(cfg, run_dir, resume, overwrite, proc)
     step, best, nonfinite = 0, -1.0, 0
@@ -163,6 +165,8 @@ def _train(
             augment_start = time.perf_counter()
             x, targets = augment(batch.images.to(device), batch.labels.to(device), generator)
             interval["augment"] += time.perf_counter() - augment_start  # on a GPU: the launch only (async)
+            if teachers is not None:
+                targets = teachers.targets(x, targets)
             loss, images = _accumulate(net, x, targets, t.accum_steps, amp, scaler, proc.world)
             if images and math.isfinite(loss):
                 _optimizer_step(model, optimizer, scaler, o.clip_grad, ema)
