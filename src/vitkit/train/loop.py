@@ -124,6 +124,9 @@ def _train(
     prep = model.preprocess
     augment = DeviceAugment(cfg.augment, prep.mean, prep.std, model.cfg.num_classes)
     teachers = Teachers.load(cfg.distill, train_src.classes, model, device, t.precision)
+    if teachers is not None and proc.main:  # each teacher adds a forward pass to every step
+        kind = "top classes" if cfg.distill.hard else "probabilities"
+        logger.info("distill: %d teacher(s), their %s weighted %g", len(teachers.models), kind, cfg.distill.weight)
 
     state = _prepare_run_dir(cfg, run_dir, resume, overwrite, proc)
     step, best, nonfinite = 0, -1.0, 0
