@@ -21,8 +21,9 @@ from .config import DistillConfig
 
 
 class Teachers:
-    def __init__(self, models: list[VisionTransformer], student: Preprocess, cfg: DistillConfig, amp):
-        self.models, self.student, self.weight, self.hard, self.amp = models, student, cfg.weight, cfg.hard, amp
+    def __init__(self, models: list[VisionTransformer], student_prep: Preprocess, cfg: DistillConfig, amp):
+        self.models, self.student_prep, self.amp = models, student_prep, amp
+        self.weight, self.hard = cfg.weight, cfg.hard
 
     @classmethod
     def load(
@@ -60,7 +61,7 @@ class Teachers:
 
     def _probs(self, model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
         prep = model.preprocess
-        x = renormalize(x, self.student, prep)
+        x = renormalize(x, self.student_prep, prep)
         if tuple(x.shape[-2:]) != prep.img_size:
             x = F.interpolate(x, size=prep.img_size, mode="bilinear", antialias=True, align_corners=False)
         with self.amp:
